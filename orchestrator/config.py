@@ -1,0 +1,237 @@
+"""Typed job configuration: one source of defaults, YAML files, ``key=value`` overrides, validation.
+
+A job config has five sections. ``model`` and ``hparams`` are the model's own dataclasses from ``gan_models`` (so the
+paper defaults live beside the architecture); ``data``, ``train`` and ``tracking`` are defined here. Sections are
+built from plain dicts *after* all overrides are merged, so a model's resolution-dependent defaults are derived from
+the final values. Secrets never enter a config: they come from the environment (``orchestrator.env``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import gan_models
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is one line naming it and what would be valid."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "s3://ganforge/datasets/fashion-mnist"  # prefix holding manifest.json + train-*.tar
+    batch_size: int = 32  # per worker
+    num_threads: int = 1  # DALI CPU threads per worker
+    prefetch: int = 2  # batches DALI prepares ahead
+    shuffle_buffer: int = 512  # samples shuffled across shard boundaries
+    hflip: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.dataset.startswith("s3://"), "data.dataset", self.dataset, "an s3://bucket/prefix URI")
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer ≥ 1")
+        _check(self.num_threads >= 1, "data.num_threads", self.num_threads, "an integer ≥ 1")
+        _check(self.prefetch >= 1, "data.prefetch", self.prefetch, "an integer ≥ 1")
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""  # run name; empty = <model>-<timestamp>. Re-using a name resumes that run.
+    num_workers: int = 2
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 1.0
+    steps: int = 1000  # real batches per worker
+    tick_steps: int = 20  # steps between metric reports
+    sample_ticks: int = 5  # ticks between sample grids
+    checkpoint_ticks: int = 5  # ticks between checkpoints
+    keep_checkpoints: int = 3
+    max_failures: int = 2
+    storage_path: str = "s3://ganforge/runs"
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    grid_size: int = 8  # the sample grid is grid_size × grid_size
+
+    def __post_init__(self):
+        _check(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", self.use_gpu, "auto, true or false")
+        _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer ≥ 1")
+        _check(self.steps >= 1, "train.steps", self.steps, "an integer ≥ 1")
+        _check(self.tick_steps >= 1, "train.tick_steps", self.tick_steps, "an integer ≥ 1")
+        _check(self.checkpoint_ticks >= 1, "train.checkpoint_ticks", self.checkpoint_ticks, "an integer ≥ 1")
+        _check(self.sample_ticks >= 1, "train.sample_ticks", self.sample_ticks, "an integer ≥ 1")
+        _check(self.storage_path.startswith("s3://"), "train.storage_path", self.storage_path, "an s3:// URI")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = ""  # empty = the model name
+
+
+@dataclass
+class JobConfig:
+    model_name: str
+    model: Any
+    hparams: Any
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def sections(self) -> dict[str, Any]:
+        return {"model": self.model, "hparams": self.hparams, "data": self.data, "train": self.train,
+                "tracking": self.tracking}  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, **{k: dataclasses.asdict(v) for k, v in self.sections().items()}}
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.steps": 1000, ...}`` for MLflow params."""
+        out = {"model_name": self.model_name}
+        for name, d in self.to_dict().items():
+            if isinstance(d, dict):
+                out.update({f"{name}.{k}": v for k, v in d.items()})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
+        return build_config(d["model_name"], overrides=[], base=d)
+
+
+SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
+
+
+def build_config(
+    model_name: str, yaml_path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
+) -> JobConfig:
+    """Defaults ← ``base`` dict ← YAML file ← ``key=value`` overrides, validated into a JobConfig."""
+    module = _model_module(model_name)
+    types_ = {"model": module.Config, "hparams": module.HParams, **SECTION_TYPES}
+    merged: dict[str, dict] = {k: {} for k in types_}
+    for source in (base, _load_yaml(yaml_path) if yaml_path else None):
+        for section, values in (source or {}).items():
+            if section == "model_name":
+                continue
+            if section not in types_:
+                raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(types_)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+            merged[section].update(values)
+    for item in overrides:
+        section, key, value = _split_override(item, types_)
+        merged[section][key] = _parse(value, _field_type(types_[section], key))
+    sections = {}
+    for section, cls in types_.items():
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged[section]) - valid)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {section}.{unknown[0]}; valid {section} keys: {', '.join(sorted(valid))}"
+            )
+        try:
+            sections[section] = cls(**{k: _coerce(v, _field_type(cls, k), f"{section}.{k}")
+                                       for k, v in merged[section].items()})  # fmt: skip
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+    return JobConfig(model_name=model_name, **sections)
+
+
+def _model_module(name: str):
+    try:
+        return gan_models.module(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return data
+
+
+def _split_override(item: str, types_: dict) -> tuple[str, str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=500)")
+    key, value = item.split("=", 1)
+    section, _, name = key.strip().partition(".")
+    if section not in types_ or not name:
+        raise ConfigError(f"unknown config key {key!r}; keys look like <section>.<name> with section in "
+                          f"{', '.join(types_)}")  # fmt: skip
+    valid = {f.name for f in dataclasses.fields(types_[section])}
+    if name not in valid:
+        raise ConfigError(f"unknown config key {key!r}; valid {section} keys: {', '.join(sorted(valid))}")
+    return section, name, value.strip()
+
+
+def _field_type(cls, name: str):
+    hints = typing.get_type_hints(cls)
+    return hints.get(name, Any)
+
+
+def _parse(text: str, tp) -> Any:
+    """A command-line string to the field's type (YAML rules for containers and null)."""
+    if tp is str:
+        return text
+    value = yaml.safe_load(text) if text else text
+    # YAML 1.1 reads 1e-4 as a string; the field type says it is a number.
+    return value
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+    if tp in (int, float):
+        try:
+            number = tp(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (tp is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}={value!r} is not {'an integer' if tp is int else 'a number'}")
+        return number
+    if tp is str:
+        if isinstance(value, bool):  # yaml's `true` in a str field (e.g. use_gpu=true)
+            return "true" if value else "false"
+        return str(value)
+    if origin in (tuple, list):
+        seq = value.split(",") if isinstance(value, str) else value
+        if not isinstance(seq, list | tuple):
+            raise ConfigError(f"{key}={value!r} is not a list")
+        args = typing.get_args(tp)
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, key) for v in seq]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; expected {valid}")

@@ -1,0 +1,203 @@
+"""MLflow tracking: the driver opens the run; rank 0 logs through a background thread that never blocks training.
+
+A synchronous ``log_metric`` against a dead server blocks for minutes while MLflow retries (DESIGN.md §8), so the
+training loop only ever enqueues. The thread sends in order, keeps what failed, backs off, and sends it again once
+the server answers: an outage costs no steps and loses no metrics (up to ``max_buffer`` items).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "ganforge.run_name"
+
+
+class TrackingError(RuntimeError):
+    """MLflow is unreachable or refused a request; the message is one line."""
+
+
+def _quiet_http() -> None:
+    # Low retries/timeouts: our own thread does the waiting, MLflow's retry loop would only hide an outage.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            reason = f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise TrackingError(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start the local stack with `ganforge up` "
+        "or set MLFLOW_TRACKING_URI"
+    )
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+             parent_run_id: str | None = None) -> RunInfo:  # fmt: skip
+    """Create the run for ``run_name`` (or reopen it when a run of that name exists: a resumed training run)."""
+    _quiet_http()
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    check_server(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    tags = {**tags, RUN_NAME_TAG: run_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "ganforge.resumed", "true")
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return RunInfo(run_id, exp_id, tracking_uri)
+
+
+def close_run(info: RunInfo, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(info.tracking_uri).set_terminated(info.run_id, status=status)
+
+
+class BackgroundLogger:
+    """Queue-backed MLflow logger for the training hot path (rank 0 only)."""
+
+    def __init__(self, run_id: str, tracking_uri: str, max_buffer: int = 100_000):
+        _quiet_http()
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri)
+        self.max_buffer = max_buffer
+        self.dropped = 0
+        self.failures = 0
+        self._items: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    # -- producer side: never blocks on the network
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._put(("metrics", [Metric(k, float(v), ts, step) for k, v in metrics.items()]))
+
+    def log_image(self, image, artifact_file: str) -> None:
+        self._put(("image", (image, artifact_file)))
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self._put(("artifacts", (local_dir, artifact_path)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._put(("tag", (key, value)))
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._items)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued was sent; False if the server stayed away for ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._items and time.monotonic() < deadline:
+                self._cv.wait(timeout=0.2)
+            return not self._items
+
+    def close(self, timeout: float = 30.0) -> bool:
+        ok = self.flush(timeout)
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
+        if not ok:
+            log.warning("MLflow unreachable: %d logging items not sent", self.pending())
+        return ok
+
+    def _put(self, item) -> None:
+        with self._cv:
+            if len(self._items) >= self.max_buffer:
+                self._items.popleft()  # oldest first: recent state matters most after a long outage
+                self.dropped += 1
+            self._items.append(item)
+            self._cv.notify_all()
+
+    # -- consumer side
+    def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cv:
+                while not self._items and not self._closed:
+                    self._cv.wait()
+                if not self._items and self._closed:
+                    return
+                item = self._items[0]
+            try:
+                self._send(item)
+            except Exception as e:  # any failure: keep the item, wait, try again
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 100 == 0:
+                    log.warning("MLflow logging failed (%s); buffering %d items", type(e).__name__, self.pending())
+                with self._cv:
+                    if self._closed:
+                        return
+                    self._cv.wait(timeout=backoff)
+                backoff = min(backoff * 2, 15.0)
+                continue
+            backoff = 0.5
+            with self._cv:
+                if self._items and self._items[0] is item:
+                    self._items.popleft()
+                self._cv.notify_all()
+
+    def _send(self, item) -> None:
+        kind, payload = item
+        if kind == "metrics":
+            for i in range(0, len(payload), 1000):
+                self.client.log_batch(self.run_id, metrics=payload[i : i + 1000], synchronous=True)
+        elif kind == "image":
+            image, artifact_file = payload
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        elif kind == "artifacts":
+            local_dir, artifact_path = payload
+            self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        elif kind == "tag":
+            self.client.set_tag(self.run_id, *payload)

@@ -1,0 +1,134 @@
+"""The per-worker training loop that Ray Train runs on every rank. It reads top to bottom:
+
+    restore (or init) → for each real batch: recipe.train_step → every tick: report metrics,
+    sample grid (rank 0), full checkpoint every K ticks → final checkpoint.
+
+It knows the GAN only through the Recipe interface and the data only through ShardLoader.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+import gan_models
+from orchestrator.config import JobConfig
+from orchestrator.data.loader import ShardLoader
+from orchestrator.env import Env
+from orchestrator.tracking.images import image_grid
+from orchestrator.train import checkpoint as ckpt
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fixed_latents(recipe, cfg: JobConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same latents every tick, so grids show training progress rather than sampling noise.
+
+    Row r of the grid holds class r (mod the class count) for conditional models.
+    """
+    n = cfg.train.grid_size**2
+    g = torch.Generator().manual_seed(cfg.train.seed + 12345)
+    z = recipe.latents(n, g).to(device)
+    if not recipe.c_dim:
+        return z, None
+    c = (torch.arange(n) // cfg.train.grid_size) % recipe.c_dim
+    return z, c.to(device)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    cfg = JobConfig.from_dict(loop_config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    use_amp = cfg.train.amp and device.type == "cuda"
+
+    seed_all(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    recipe = gan_models.make_recipe(cfg.model_name, cfg.model, cfg.hparams)
+    recipe.setup(device, ray.train.torch.prepare_model, amp=use_amp)
+    loader = ShardLoader(cfg.data, rank=rank, world_size=world, device=device, env=Env.from_environ())
+
+    step, tick = 0, 0
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            shared = ckpt.load_shared(d, map_location=device)
+            mine = ckpt.load_rank(d, rank)
+        recipe.load_state_dict(shared["recipe"])
+        step, tick = shared["step"], shared["tick"]
+        if mine is not None:  # same world size: continue this rank's streams exactly
+            ckpt.set_rng_state(mine["rng"])
+            loader.load_state_dict(mine["loader"])
+        else:
+            seed_all(cfg.train.seed + 1000 * rank + step)
+    else:
+        seed_all(cfg.train.seed + 1000 * rank + 1)  # different latents per rank from here on
+
+    logger = None
+    if rank == 0 and loop_config.get("mlflow_run_id"):
+        from orchestrator.tracking.mlflow import BackgroundLogger
+
+        logger = BackgroundLogger(loop_config["mlflow_run_id"], loop_config["mlflow_uri"])
+    grid_z, grid_c = fixed_latents(recipe, cfg, device)
+    global_batch = cfg.data.batch_size * world
+
+    sums: dict[str, float] = defaultdict(float)
+    tick_steps, t_tick = 0, time.perf_counter()
+    batches = iter(loader)
+    while step < cfg.train.steps:
+        images, labels = next(batches)
+        for k, v in recipe.train_step(images, labels).items():
+            sums[k] += v
+        step += 1
+        tick_steps += 1
+        if step % cfg.train.tick_steps and step < cfg.train.steps:
+            continue
+
+        tick += 1
+        elapsed = time.perf_counter() - t_tick
+        img_per_s = global_batch * tick_steps / elapsed
+        metrics = {k: v / tick_steps for k, v in sums.items()}
+        metrics.update({
+            "perf/img_per_s": img_per_s,
+            "perf/s_per_kimg": 1000.0 / img_per_s,
+            "progress/kimg": step * global_batch / 1000.0,
+            "data/skipped": float(loader.skipped),
+        })  # fmt: skip
+        if logger:
+            logger.log_metrics(metrics, step=step)
+            if tick % cfg.train.sample_ticks == 0 or step >= cfg.train.steps:
+                grid = image_grid(recipe.sample(grid_z, grid_c), nrow=cfg.train.grid_size, scale=2)
+                logger.log_image(grid, f"samples/grid_{step:07d}.png")
+
+        last = step >= cfg.train.steps
+        if tick % cfg.train.checkpoint_ticks == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                shared = meta = None
+                if rank == 0:
+                    shared = {"recipe": recipe.state_dict(), "step": step, "tick": tick, "config": cfg.to_dict()}
+                    meta = {"step": step, "tick": tick, "kimg": metrics["progress/kimg"], "world_size": world,
+                            "git_sha": loop_config.get("git_sha", "unknown"),
+                            "manifest_hash": loop_config.get("manifest_hash")}  # fmt: skip
+                rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "shards": list(loader.shards)}
+                ckpt.save(d, rank=rank, rank_state=rank_state, shared=shared, meta=meta)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        sums.clear()
+        tick_steps, t_tick = 0, time.perf_counter()
+
+    loader.close()
+    if logger:
+        logger.close(timeout=60)

@@ -1,0 +1,44 @@
+"""The one interface between the training loop and a GAN.
+
+The loop knows a GAN only through this protocol: it never touches losses, phases or optimisers. Implementations live
+beside their models in ``gan_models`` (pure PyTorch, no Ray/S3/MLflow) and are created with
+``gan_models.make_recipe(name, model_cfg, hparams)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+Wrap = Callable[[nn.Module], nn.Module]
+"""Turns a module into its data-parallel training twin (``ray.train.torch.prepare_model`` / DDP, or identity)."""
+
+
+@runtime_checkable
+class Recipe(Protocol):
+    G: nn.Module  # unwrapped generator; G(z, c) -> images in [-1, 1]
+    D: nn.Module  # unwrapped discriminator; D(x, c) -> logits
+    G_ema: nn.Module  # exponential moving average of G, used for samples, FID and export
+    z_dim: int
+    c_dim: int  # number of classes; 0 for an unconditional model
+
+    def setup(self, device: torch.device, wrap: Wrap, *, amp: bool = False) -> None:
+        """Move to ``device``, wrap G and D for data-parallel training, build optimisers."""
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Consume one real batch (N×3×H×W in [-1, 1], int64 labels): one D update, plus the G update and lazy
+        regularisers when they are due. Returns scalar metrics named like ``loss/G``, ``loss/D``."""
+
+    def sample(self, z: torch.Tensor, c: torch.Tensor | None, truncation: float | None = None) -> torch.Tensor:
+        """Images from G_ema in eval mode, no grad."""
+
+    def latents(self, n: int, generator: torch.Generator, truncation: float | None = None) -> torch.Tensor:
+        """n latent vectors drawn the way this model expects (truncated normal for BigGAN)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to continue bit-for-bit: G, D, G_ema, optimisers, scaler, counters, ADA p."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -1,0 +1,210 @@
+"""Driver side of a training run: pre-flight checks, MLflow run, Ray Train TorchTrainer, final artifacts.
+
+Everything that can be wrong with the inputs (config, S3 credentials, dataset prefix, MLflow) is checked here, before
+any worker starts, and reported in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.config import JobConfig
+from orchestrator.env import Env, split_s3_uri
+
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # keeps Ray on 127.0.0.1 (DESIGN.md §8)
+
+
+@dataclass
+class RunOutcome:
+    name: str
+    checkpoint_uri: str | None
+    checkpoint_dir: str | None  # local copy of the final checkpoint (driver side)
+    mlflow_url: str | None
+    grid_path: str | None
+    metrics: dict[str, Any]
+    wall_s: float
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_use_gpu(setting: str) -> bool:
+    if setting == "auto":
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return setting == "true"
+
+
+def storage(cfg: JobConfig, env: Env):
+    """(storage_path, pyarrow filesystem) for RunConfig: checkpoints go straight to S3."""
+    from pyarrow import fs
+
+    bucket, prefix = split_s3_uri(cfg.train.storage_path)
+    kwargs: dict[str, Any] = {"region": env.region, "access_key": env.access_key, "secret_key": env.secret_key}
+    if env.s3_endpoint:
+        scheme, _, host = env.s3_endpoint.partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    return f"{bucket}/{prefix}".rstrip("/"), fs.S3FileSystem(**kwargs)
+
+
+def connect_ray(cfg: JobConfig, env: Env) -> None:
+    """Join the cluster a job was submitted to, or start a private local Ray for a direct `python jobs/...` run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update(RAY_LOCAL_ENV)
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        # A dashboard URL is for `ray job submit`; a script run directly gets its own local Ray instead.
+        os.environ.pop("RAY_ADDRESS")
+        address = ""
+    runtime_env = {"env_vars": {**env.worker_environ(), **RAY_LOCAL_ENV}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, int(cfg.train.num_workers * cfg.train.cpus_per_worker) + 1)
+        ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", runtime_env=runtime_env, include_dashboard=False)
+
+
+def preflight(cfg: JobConfig, env: Env) -> dict:
+    """Check S3 credentials, the dataset prefix and MLflow before any worker starts; returns the manifest."""
+    from orchestrator.data import s3
+
+    manifest = s3.check_prefix(cfg.data.dataset, env)
+    bucket, _ = split_s3_uri(cfg.train.storage_path)
+    s3.check_bucket(bucket, env)
+    if cfg.tracking.enabled:
+        from orchestrator.tracking.mlflow import check_server
+
+        check_server(env.mlflow_uri)
+    return manifest
+
+
+def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None, log=print) -> RunOutcome:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.data.shards import manifest_hash
+    from orchestrator.train.loop import train_loop
+
+    env = env or Env.from_environ()
+    t0 = time.monotonic()
+    name = cfg.train.name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.train.name = name
+    manifest = preflight(cfg, env)
+    data_hash = manifest_hash(manifest)
+    sha = git_sha()
+
+    run = None
+    if cfg.tracking.enabled:
+        from orchestrator.tracking.mlflow import open_run
+
+        tags = {"git_sha": sha, "dataset.manifest_hash": data_hash, "dataset.uri": cfg.data.dataset,
+                "model": cfg.model_name, "ganforge.version": _version()}  # fmt: skip
+        run = open_run(env.mlflow_uri, cfg.tracking.experiment or cfg.model_name, name, cfg.flat(), tags)
+        log(f"MLflow run: {run.url}")
+
+    connect_ray(cfg, env)
+    use_gpu = resolve_use_gpu(cfg.train.use_gpu)
+    storage_path, filesystem = storage(cfg, env)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job": cfg.to_dict(),
+            "mlflow_run_id": run.run_id if run else None,
+            "mlflow_uri": env.mlflow_uri,
+            "git_sha": sha,
+            "manifest_hash": data_hash,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    log(f"training {cfg.model_name} on {cfg.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
+        f"checkpoints → s3://{storage_path}/{name}")  # fmt: skip
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run:
+            from orchestrator.tracking.mlflow import close_run
+
+            close_run(run, status="FAILED")
+        raise
+
+    checkpoint_uri = f"s3://{result.checkpoint.path}" if result.checkpoint else None
+    local_ckpt = grid_path = None
+    if result.checkpoint:
+        out = Path(output_dir or os.environ.get("GANFORGE_OUTPUT_DIR", "outputs")).resolve() / name
+        out.mkdir(parents=True, exist_ok=True)
+        local_ckpt = str(result.checkpoint.to_directory(str(out / "checkpoint")))
+        grid_path = str(out / "samples_final.png")
+        final_grid(local_ckpt, grid_path)
+        if run:
+            _log_final(run, local_ckpt, grid_path, checkpoint_uri)
+    return RunOutcome(name, checkpoint_uri, local_ckpt, run.url if run else None, grid_path,
+                      dict(result.metrics or {}), time.monotonic() - t0)  # fmt: skip
+
+
+def load_generator(checkpoint_dir: str, device: str = "cpu"):
+    """(G_ema in eval mode, recipe, config) from a checkpoint directory."""
+    from orchestrator.train import checkpoint as ckpt
+
+    shared = ckpt.load_shared(checkpoint_dir)
+    cfg = JobConfig.from_dict(shared["config"])
+    import gan_models
+
+    recipe = gan_models.make_recipe(cfg.model_name, cfg.model, cfg.hparams)
+    recipe.setup(torch.device(device), lambda m: m)
+    recipe.load_state_dict(shared["recipe"])
+    return recipe.G_ema.eval(), recipe, cfg
+
+
+def final_grid(checkpoint_dir: str, path: str, seed: int = 0) -> None:
+    from orchestrator.tracking.images import image_grid
+    from orchestrator.train.loop import fixed_latents
+
+    _, recipe, cfg = load_generator(checkpoint_dir)
+    cfg.train.seed = seed
+    z, c = fixed_latents(recipe, cfg, torch.device("cpu"))
+    image_grid(recipe.sample(z, c), nrow=cfg.train.grid_size, scale=2).save(path)
+
+
+def _log_final(run, local_ckpt: str, grid_path: str, checkpoint_uri: str | None) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(run.tracking_uri)
+    client.log_artifact(run.run_id, grid_path, "samples")
+    client.log_artifacts(run.run_id, local_ckpt, "checkpoint")
+    if checkpoint_uri:
+        client.set_tag(run.run_id, "checkpoint_uri", checkpoint_uri)
+    client.set_terminated(run.run_id, "FINISHED")
+
+
+def _version() -> str:
+    from orchestrator import __version__
+
+    return __version__
