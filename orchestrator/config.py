@@ -181,9 +181,8 @@ def _parse(text: str, tp) -> Any:
     """A command-line string to the field's type (YAML rules for containers and null)."""
     if tp is str:
         return text
-    value = yaml.safe_load(text) if text else text
-    # YAML 1.1 reads 1e-4 as a string; the field type says it is a number.
-    return value
+    # YAML 1.1 reads 1e-4 as a string; _coerce converts by the field type afterwards.
+    return yaml.safe_load(text) if text else text
 
 
 def _coerce(value: Any, tp, key: str) -> Any:
@@ -206,6 +205,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
