@@ -11,8 +11,7 @@ What is validated, and how:
 - the env var names orchestrator/env.py reads (parsed from its source) are set in every Ray container, from the
   Secret/ConfigMap keys templated in secrets.example.yaml;
 - with ``kubectl`` on PATH, ``kubectl kustomize`` builds the kustomization offline. ``kubectl apply --dry-run=client``
-  needs an API server (and the KubeRay CRDs) even in client mode, so it runs only when one answers and is skipped
-  otherwise. The manifests were also checked once against the KubeRay v1.7 CRD schemas (strict field names), which
+  needs an API server (and the KubeRay CRDs) even in client mode, and none runs here, so it is not part of the suite. The manifests were also checked once against the KubeRay v1.7 CRD schemas (strict field names), which
   are not vendored here.
 """
 
@@ -370,14 +369,3 @@ def test_kustomize_builds_offline():
     kinds = {d["kind"] for d in yaml.safe_load_all(r.stdout) if d}
     assert {"RayCluster", "Deployment", "StatefulSet", "Service"} <= kinds
     assert all(d["metadata"].get("namespace") == "ganforge" for d in yaml.safe_load_all(r.stdout) if d)
-
-
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl not on PATH")
-def test_kubectl_client_dry_run():
-    cmd = [KUBECTL, "apply", "--dry-run=client", "--validate=false", "--request-timeout=5s", "-k", str(K8S)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    out = r.stdout + r.stderr
-    if r.returncode and re.search(r"connection refused|unable to recognize|no matches for kind|"
-                                  r"couldn't get current server|dial tcp|Unauthorized|timeout", out):  # fmt: skip
-        pytest.skip("kubectl --dry-run=client needs a reachable API server with the KubeRay CRDs; none here")
-    assert r.returncode == 0, out
