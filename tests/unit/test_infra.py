@@ -11,7 +11,8 @@ What is validated, and how:
 - the env var names orchestrator/env.py reads (parsed from its source) are set in every Ray container, from the
   Secret/ConfigMap keys templated in secrets.example.yaml;
 - with ``kubectl`` on PATH, ``kubectl kustomize`` builds the kustomization offline. ``kubectl apply --dry-run=client``
-  needs an API server (and the KubeRay CRDs) even in client mode, and none runs here, so it is not part of the suite. The manifests were also checked once against the KubeRay v1.7 CRD schemas (strict field names), which
+  needs an API server (and the KubeRay CRDs) even in client mode, and none runs here, so it is not part of the suite.
+  The manifests were also checked once against the KubeRay v1.7 CRD schemas (strict field names), which
   are not vendored here.
 """
 
