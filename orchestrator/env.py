@@ -16,6 +16,8 @@ LOCAL_RAY = "http://127.0.0.1:8265"
 LOCAL_ACCESS_KEY = "ganforge"
 LOCAL_SECRET_KEY = "ganforge-local-secret"  # only ever valid against the loopback-only local stack
 DEFAULT_BUCKET = "ganforge"
+_AWS_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                           "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,14 @@ class Env:
     def from_environ(cls, environ: dict[str, str] | None = None) -> Env:
         e = os.environ if environ is None else environ
         endpoint = e.get("GANFORGE_S3_ENDPOINT") or e.get("AWS_ENDPOINT_URL_S3") or e.get("AWS_ENDPOINT_URL")
-        on_aws = endpoint is None and "AWS_ACCESS_KEY_ID" in e
+        # No endpoint but some AWS credential source (keys, profile, IRSA, ECS role) means AWS S3 itself, with
+        # boto3's credential chain; neither means the local stack. GANFORGE_S3_ENDPOINT=aws forces AWS.
+        on_aws = endpoint == "aws" or (endpoint is None and any(k in e for k in _AWS_CREDENTIAL_SOURCES))
+        local = endpoint is None and not on_aws
         return cls(
             s3_endpoint=None if on_aws else (endpoint or LOCAL_S3),
-            access_key=e.get("AWS_ACCESS_KEY_ID", LOCAL_ACCESS_KEY),
-            secret_key=e.get("AWS_SECRET_ACCESS_KEY", LOCAL_SECRET_KEY),
+            access_key=e.get("AWS_ACCESS_KEY_ID", LOCAL_ACCESS_KEY if local else None),
+            secret_key=e.get("AWS_SECRET_ACCESS_KEY", LOCAL_SECRET_KEY if local else None),
             region=e.get("AWS_DEFAULT_REGION") or e.get("AWS_REGION") or "us-east-1",
             bucket=e.get("GANFORGE_BUCKET", DEFAULT_BUCKET),
             mlflow_uri=e.get("MLFLOW_TRACKING_URI", LOCAL_MLFLOW),

@@ -64,6 +64,9 @@ def test_env_defaults_and_secret_not_in_repr():
     assert "s3cr3t" not in repr(env)
     aws = Env.from_environ({"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "x"})
     assert aws.s3_endpoint is None  # real AWS: botocore picks the endpoint
+    irsa = Env.from_environ({"AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/token", "AWS_ROLE_ARN": "arn"})
+    assert irsa.s3_endpoint is None and irsa.access_key is None and irsa.secret_key is None  # boto3's chain
+    assert Env.from_environ({}).access_key == "ganforge"  # nothing set: the local stack
     assert split_s3_uri("s3://b/p/q") == ("b", "p/q")
     with pytest.raises(ValueError, match="not an S3 URI"):
         split_s3_uri("/tmp/x")
