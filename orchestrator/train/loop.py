@@ -85,12 +85,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     global_batch = cfg.data.batch_size * world
 
     sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
     tick_steps, t_tick = 0, time.perf_counter()
     batches = iter(loader)
     while step < cfg.train.steps:
         images, labels = next(batches)
-        for k, v in recipe.train_step(images, labels).items():
+        for k, v in recipe.train_step(images, labels).items():  # phases like G or R1 steps report only when run
             sums[k] += v
+            counts[k] += 1
         step += 1
         tick_steps += 1
         if step % cfg.train.tick_steps and step < cfg.train.steps:
@@ -99,7 +101,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tick += 1
         elapsed = time.perf_counter() - t_tick
         img_per_s = global_batch * tick_steps / elapsed
-        metrics = {k: v / tick_steps for k, v in sums.items()}
+        metrics = {k: v / counts[k] for k, v in sums.items()}
         metrics.update({
             "perf/img_per_s": img_per_s,
             "perf/s_per_kimg": 1000.0 / img_per_s,
@@ -127,6 +129,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
         sums.clear()
+        counts.clear()
         tick_steps, t_tick = 0, time.perf_counter()
 
     loader.close()

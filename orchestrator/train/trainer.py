@@ -87,7 +87,10 @@ def preflight(cfg: JobConfig, env: Env) -> dict:
 
     manifest = s3.check_prefix(cfg.data.dataset, env)
     bucket, _ = split_s3_uri(cfg.train.storage_path)
-    s3.check_bucket(bucket, env)
+    try:
+        s3.client(env, fail_fast=True).head_bucket(Bucket=bucket)
+    except Exception as e:
+        raise s3.DataError(s3.describe_error(e, env, f"s3://{bucket}")) from None
     if cfg.tracking.enabled:
         from orchestrator.tracking.mlflow import check_server
 

@@ -52,7 +52,7 @@ def test_ray_job_submit_trains_with_two_workers(stack, s3, dataset, tmp_path):
 
     # checkpoints: 3 ticks of 2 steps, one checkpoint per tick, each with both ranks' files merged by Ray Train
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ganforge", Prefix=f"runs-test/{name}/")["Contents"]]
-    ckpt_dirs = sorted({k.split("/")[2] for k in keys if "/checkpoint_" in k})
+    ckpt_dirs = sorted({k.split("/")[2] for k in keys if k.count("/") == 3 and "/checkpoint_" in k})
     assert len(ckpt_dirs) == 3, keys
     last = f"runs-test/{name}/{ckpt_dirs[-1]}"
     files = {k.rsplit("/", 1)[1] for k in keys if k.startswith(last)}
