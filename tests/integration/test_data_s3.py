@@ -1,0 +1,229 @@
+"""The data plane against a real S3 (SeaweedFS from the session stack): shards → S3 → per-rank DALI loader."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.config import DataConfig
+from orchestrator.data import fashion_mnist
+from orchestrator.data import s3 as s3mod
+from orchestrator.data.loader import ShardLoader
+from orchestrator.data.s3 import DataError, check_prefix
+from orchestrator.data.shards import manifest_hash, write_shards
+from orchestrator.env import Env
+
+pytestmark = pytest.mark.integration
+
+N, PER_SHARD, BATCH = 4000, 500, 50
+
+
+@pytest.fixture(scope="module")
+def dataset(stack):
+    uri = f"s3://ganforge/datasets/fmnist-{uuid.uuid4().hex[:8]}"
+    t0 = time.monotonic()
+    manifest = write_shards("fashion-mnist", uri, max_samples=N, samples_per_shard=PER_SHARD, progress=False)
+    print(f"\nwrote {N} samples in {len(manifest['shards'])} shards in {time.monotonic() - t0:.1f} s")
+    return uri, manifest
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The same samples as numpy, padded like the shards: uint8 N×32×32, and pixel bytes → sample count."""
+    images, labels = fashion_mnist.load("train")
+    images = fashion_mnist.pad_to_32(images[:N])
+    return images, labels[:N]
+
+
+def _cfg(uri: str, **kw) -> DataConfig:
+    return DataConfig(dataset=uri, **{"batch_size": BATCH, "hflip": False, "shuffle_buffer": 256, **kw})
+
+
+def _epoch(loader: ShardLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly one epoch's good samples (the last batch may run into the next epoch: cut there)."""
+    xs, ys = [], []
+    it = iter(loader)
+    while sum(len(y) for y in ys) < loader.epoch_size - loader.skipped:
+        x, y = next(it)
+        xs.append(x)
+        ys.append(y)
+    n = loader.epoch_size - loader.skipped
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float N×3×H×W back to the stored uint8 grey N×H×W (exact: the transform is affine)."""
+    return (x[:, 0] * 127.5 + 127.5).round().to(torch.uint8).numpy()
+
+
+def _counts(images: np.ndarray) -> collections.Counter:
+    return collections.Counter(img.tobytes() for img in images)
+
+
+def test_manifest_in_bucket(s3, dataset):
+    uri, manifest = dataset
+    prefix = uri.split("/", 3)[3]
+    stored = json.loads(s3.get_object(Bucket="ganforge", Key=f"{prefix}/manifest.json")["Body"].read())
+    assert stored == manifest == check_prefix(uri)
+    assert manifest["num_samples"] == N and len(manifest["shards"]) == N // PER_SHARD
+    assert (manifest["resolution"], manifest["channels"], manifest["num_classes"]) == (32, 1, 10)
+    keys = {o["Key"].rsplit("/", 1)[1] for o in s3.list_objects_v2(Bucket="ganforge", Prefix=prefix)["Contents"]}
+    assert {s["name"] for s in manifest["shards"]} | {s["index"] for s in manifest["shards"]} <= keys
+    assert len(manifest_hash(manifest)) == 64
+
+
+def test_batches_match_the_numpy_data(dataset, reference):
+    uri, _ = dataset
+    with ShardLoader(_cfg(uri), rank=0, world_size=1) as loader:
+        assert (loader.resolution, loader.num_classes, len(loader.shards)) == (32, 10, N // PER_SHARD)
+        x, y = _epoch(loader)
+    assert x.shape == (N, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() >= -1 and x.max() <= 1 and x.device.type == "cpu"
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # grey repeated into RGB
+    images, labels = reference
+    expected_mean = (images.astype(np.float64) / 127.5 - 1).mean()
+    assert abs(x.double().mean().item() - expected_mean) < 1e-4
+    assert _counts(_to_uint8(x)) == _counts(images)  # every sample exactly once, pixel-exact
+    by_image = {img.tobytes(): int(lbl) for img, lbl in zip(images, labels)}
+    assert [by_image[img.tobytes()] for img in _to_uint8(x)] == y.tolist()  # labels travel with their images
+
+
+def test_two_ranks_are_disjoint_and_cover_the_epoch(dataset, reference):
+    uri, _ = dataset
+    seen = []
+    for rank in range(2):
+        with ShardLoader(_cfg(uri), rank=rank, world_size=2) as loader:
+            seen.append(_to_uint8(_epoch(loader)[0]))
+    a, b = _counts(seen[0]), _counts(seen[1])
+    assert sum(a.values()) == sum(b.values()) == N // 2
+    assert a + b == _counts(reference[0])
+    with pytest.raises(DataError, match="ranks need at least one"):
+        ShardLoader(_cfg(uri), rank=0, world_size=N // PER_SHARD + 1)
+
+
+def test_resume_continues_with_the_next_sample(dataset):
+    uri, _ = dataset
+    cfg = _cfg(uri, hflip=True, batch_size=48)
+    with ShardLoader(cfg) as loader:
+        it = iter(loader)
+        for _ in range(7):  # stop mid-window (window 256) and mid-shard
+            next(it)
+        state = json.loads(json.dumps(loader.state_dict()))
+        expected = [next(it) for _ in range(90)]  # runs past the epoch end (4000 / 48)
+    assert state["position"] == 7 * 48 and expected[-1][0].shape[0] == 48
+    with ShardLoader(cfg) as resumed:
+        resumed.load_state_dict(state)
+        it = iter(resumed)
+        for i, (x, y) in enumerate(expected):
+            rx, ry = next(it)
+            assert torch.equal(rx, x) and torch.equal(ry, y), f"batch {i} differs after resume"
+        assert resumed.epoch == 1
+
+
+def test_wrong_secret_and_missing_prefix(stack, dataset):
+    uri, _ = dataset
+    bad = dataclasses.replace(Env.from_environ(), secret_key="not-the-secret-" + uuid.uuid4().hex)
+    with pytest.raises(DataError) as e:
+        check_prefix(uri, bad)
+    msg = str(e.value)
+    assert "rejected the credentials" in msg and bad.access_key in msg and bad.secret_key not in msg
+    assert "\n" not in msg
+    with pytest.raises(DataError, match=r"no manifest.json under s3://ganforge/datasets/nope.*ganforge shards"):
+        check_prefix("s3://ganforge/datasets/nope")
+    with pytest.raises(DataError, match="bucket 'no-such-bucket' does not exist"):
+        check_prefix("s3://no-such-bucket/x")
+    with pytest.raises(DataError, match="cannot reach S3"):
+        t0 = time.monotonic()
+        check_prefix(uri, dataclasses.replace(Env.from_environ(), s3_endpoint="http://127.0.0.1:9"))
+    assert time.monotonic() - t0 < 15  # fails fast
+
+
+def test_rerun_skips_shards_already_there(monkeypatch, s3, dataset):
+    uri, manifest = dataset
+    prefix = uri.split("/", 3)[3]
+    uploads = []
+    c = s3mod.client()  # the process's cached client, the one write_shards uploads with
+    real = c.upload_file
+    monkeypatch.setattr(c, "upload_file", lambda *a, **kw: (uploads.append(a[2]), real(*a, **kw)))
+    again = write_shards("fashion-mnist", uri, max_samples=N, samples_per_shard=PER_SHARD, progress=False)
+    assert uploads == [] and manifest_hash(again) == manifest_hash(manifest)
+    s3.delete_object(Bucket="ganforge", Key=f"{prefix}/train-000003.tar")  # an interrupted first run
+    write_shards("fashion-mnist", uri, max_samples=N, samples_per_shard=PER_SHARD, progress=False)
+    assert uploads == [f"{prefix}/train-000003.tar"]
+
+
+def _copy_dataset(client, uri: str) -> tuple[str, str]:
+    """A private copy of the dataset to damage."""
+    src = uri.split("/", 3)[3]
+    dst = f"datasets/damaged-{uuid.uuid4().hex[:8]}"
+    for o in client.list_objects_v2(Bucket="ganforge", Prefix=src + "/")["Contents"]:
+        name = o["Key"].rsplit("/", 1)[1]
+        client.copy_object(Bucket="ganforge", Key=f"{dst}/{name}", CopySource={"Bucket": "ganforge", "Key": o["Key"]})
+    return f"s3://ganforge/{dst}", dst
+
+
+def test_corrupt_image_is_skipped_and_counted(s3, dataset, reference):
+    uri, _ = dataset
+    bad_uri, prefix = _copy_dataset(s3, uri)
+    key = f"{prefix}/train-000002.tar"
+    tar = bytearray(s3.get_object(Bucket="ganforge", Key=key)["Body"].read())
+    idx = s3.get_object(Bucket="ganforge", Key=f"{prefix}/train-000002.idx")["Body"].read().decode().splitlines()
+    ext, offset, size = idx[10].split()[:3]  # sample 10 of the shard
+    assert ext == "png"
+    for i in range(int(offset) + 40, int(offset) + int(size) - 16, 7):  # scramble the IDAT data, same length
+        tar[i] ^= 0x5A
+    s3.put_object(Bucket="ganforge", Key=key, Body=bytes(tar))
+    with ShardLoader(_cfg(bad_uri, batch_size=40)) as loader:
+        x, _ = _epoch(loader)
+        assert loader.skipped == 1 and loader.checksum_errors == 1
+    assert len(x) == N - 1
+    lost = _counts(reference[0]) - _counts(_to_uint8(x))
+    assert sum(lost.values()) == 1
+
+
+def test_truncated_shard(s3, dataset, reference):
+    uri, manifest = dataset
+    bad_uri, prefix = _copy_dataset(s3, uri)
+    key = f"{prefix}/train-000005.tar"
+    tar = s3.get_object(Bucket="ganforge", Key=key)["Body"].read()
+    cut = tar[: len(tar) // 2 + 700]  # mid-member
+    s3.put_object(Bucket="ganforge", Key=key, Body=cut)
+    with pytest.raises(DataError, match=r"train-000005.tar is \d+ bytes but manifest.json says"):
+        ShardLoader(_cfg(bad_uri))  # caught before training starts
+    # A writer that produced the short shard and described it honestly: the rest of the shard is skipped, counted.
+    fixed = json.loads(json.dumps(manifest))
+    entry = next(s for s in fixed["shards"] if s["name"] == "train-000005.tar")
+    entry.update(bytes=len(cut), sha256=hashlib.sha256(cut).hexdigest())
+    s3.put_object(Bucket="ganforge", Key=f"{prefix}/manifest.json", Body=json.dumps(fixed).encode())
+    with ShardLoader(_cfg(bad_uri, batch_size=10)) as loader:
+        x, _ = _epoch(loader)
+        skipped = loader.skipped
+    assert 0 < skipped < PER_SHARD and len(x) == N - skipped
+    assert sum((_counts(reference[0]) - _counts(_to_uint8(x))).values()) == skipped
+
+
+def test_s3_restart_mid_epoch_yields_every_sample_once(stack, dataset, reference):
+    uri, _ = dataset
+    loader = ShardLoader(_cfg(uri, batch_size=BATCH, shuffle_buffer=64))
+    it = iter(loader)
+    first = [next(it)[0] for _ in range(4)]
+    stack.stop_service("s3")
+    restarter = threading.Timer(2.0, stack.start_service, args=("s3",))
+    restarter.start()
+    try:
+        rest = [next(it)[0] for _ in range(N // BATCH - 4)]
+    finally:
+        restarter.join()
+        loader.close()
+    x = torch.cat(first + rest)
+    assert _counts(_to_uint8(x)) == _counts(reference[0]) and loader.skipped == 0
+    assert loader.checksum_errors == 0

@@ -1,0 +1,196 @@
+"""Shard writing and reading without S3: tar layout, manifest, DALI index, folder sources, damage handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from botocore.exceptions import ResponseStreamingError
+from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
+
+from orchestrator.data import fashion_mnist
+from orchestrator.data import s3 as s3mod
+from orchestrator.data.loader import image_size
+from orchestrator.data.s3 import DataError, ObjectStream
+from orchestrator.data.shards import center_crop_resize, iter_tar_samples, manifest_hash, write_shards
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fm")
+    manifest = write_shards("fashion-mnist", str(out), max_samples=250, samples_per_shard=100, progress=False,
+                            workers=2)  # fmt: skip
+    return out, manifest
+
+
+def test_tar_layout_and_keys(fmnist):
+    out, _ = fmnist
+    with tarfile.open(out / "train-000000.tar") as tf:
+        names = tf.getnames()
+        first_json = json.loads(tf.extractfile("00000000.json").read())
+        first_cls = tf.extractfile("00000000.cls").read()
+        png = tf.extractfile("00000000.png").read()
+    assert names[:6] == ["00000000.png", "00000000.cls", "00000000.json", "00000001.png", "00000001.cls",
+                         "00000001.json"]  # fmt: skip
+    assert len(names) == 300
+    images, labels = fashion_mnist.load("train")
+    assert first_cls == str(labels[0]).encode()
+    assert first_json == {"label": int(labels[0]), "class": fashion_mnist.CLASSES[labels[0]],
+                          "source": "fashion-mnist/train/0"}  # fmt: skip
+    decoded = np.asarray(Image.open(io.BytesIO(png)))
+    assert decoded.shape == (32, 32) and np.array_equal(decoded, fashion_mnist.pad_to_32(images[:1])[0])
+
+
+def test_manifest_fields(fmnist):
+    out, manifest = fmnist
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert {k: manifest[k] for k in ("format", "name", "resolution", "channels", "num_classes", "num_samples",
+                                     "image_ext")} == {"format": 1, "name": "fashion-mnist", "resolution": 32,
+                                                       "channels": 1, "num_classes": 10, "num_samples": 250,
+                                                       "image_ext": "png"}  # fmt: skip
+    assert manifest["classes"] == fashion_mnist.CLASSES
+    assert [s["count"] for s in manifest["shards"]] == [100, 100, 50]
+    assert [(s["name"], s["index"]) for s in manifest["shards"]][1] == ("train-000001.tar", "train-000001.idx")
+    for s in manifest["shards"]:
+        assert (out / s["name"]).stat().st_size == s["bytes"] and len(s["sha256"]) == 64
+    # the hash names the data: stable across re-writes, blind to `created`, sensitive to content
+    assert manifest_hash(manifest) == manifest_hash({**manifest, "created": "another day"})
+    assert manifest_hash(manifest) != manifest_hash({**manifest, "num_samples": 251})
+
+
+def test_rewrite_is_byte_identical(fmnist, tmp_path):
+    _, manifest = fmnist
+    again = write_shards("fashion-mnist", str(tmp_path), max_samples=250, samples_per_shard=100, progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_dali_reads_our_index(fmnist):
+    out, manifest = fmnist
+    shard = manifest["shards"][1]
+
+    @pipeline_def(batch_size=shard["count"], num_threads=1, device_id=None)
+    def pipe():
+        img, cls = fn.readers.webdataset(paths=[str(out / shard["name"])], index_paths=[str(out / shard["index"])],
+                                         ext=["png", "cls"], missing_component_behavior="error")  # fmt: skip
+        return fn.decoders.image(img, device="cpu", output_type=types.GRAY), cls
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size()["__Webdataset_0"] == shard["count"]
+    imgs, cls = p.run()
+    labels = [int(bytes(np.asarray(cls[i])).decode()) for i in range(shard["count"])]
+    images, expected = fashion_mnist.load("train")
+    assert labels == expected[100:200].tolist()
+    assert np.array_equal(np.asarray(imgs[0])[..., 0], fashion_mnist.pad_to_32(images[100:101])[0])
+
+
+def _image(path, size, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_folder_source_labels_and_resolution(tmp_path):
+    src = tmp_path / "photos"
+    _image(src / "zebra" / "z1.png", (40, 30), (255, 255, 255))
+    _image(src / "ant" / "a1.jpg", (20, 50), (0, 0, 0))
+    _image(src / "ant" / "deep" / "a2.png", (16, 16), (0, 0, 0))
+    (src / "ant" / "notes.txt").write_text("not an image")
+    manifest = write_shards(str(src), str(tmp_path / "out"), resolution=16, image_format="png", progress=False)
+    assert manifest["classes"] == ["ant", "zebra"] and manifest["num_classes"] == 2
+    assert (manifest["resolution"], manifest["channels"], manifest["image_ext"]) == (16, 3, "png")
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tf:
+        metas = [json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")]
+        sizes = {Image.open(tf.extractfile(m)).size for m in tf.getmembers() if m.name.endswith(".png")}
+    by_source = {m["source"]: (m["label"], m["class"]) for m in metas}
+    assert by_source == {"ant/a1.jpg": (0, "ant"), "ant/deep/a2.png": (0, "ant"), "zebra/z1.png": (1, "zebra")}
+    assert sizes == {(16, 16)}
+
+
+def test_center_crop_keeps_the_middle():
+    # a 60×20 image: red | green | blue thirds; the centred 20×20 square is the green one
+    img = Image.new("RGB", (60, 20))
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        img.paste(colour, (20 * i, 0, 20 * i + 20, 20))
+    out = np.asarray(center_crop_resize(img, 8))
+    assert out.shape == (8, 8, 3)
+    assert np.all(out[..., 1] == 255) and np.all(out[..., 0] == 0) and np.all(out[..., 2] == 0)
+    tall = np.asarray(center_crop_resize(img.rotate(90, expand=True), 10))
+    assert tall.shape == (10, 10, 3) and np.all(tall[..., 1] == 255)
+
+
+def test_unknown_dataset_names_the_choices(tmp_path):
+    with pytest.raises(DataError, match=r"unknown dataset 'cifar-11'; valid: fashion-mnist, a folder path, or an s3"):
+        write_shards("cifar-11", str(tmp_path), progress=False)
+
+
+def test_tar_reader_survives_truncation(fmnist):
+    out, _ = fmnist
+    data = (out / "train-000000.tar").read_bytes()
+    whole = list(iter_tar_samples(io.BytesIO(data)))
+    idx = (out / "train-000000.idx").read_text().splitlines()
+    assert len(whole) == 100 and whole[1][0] == "00000001" and set(whole[0][1]) == {"png", "cls", "json"}
+    assert [s[2] for s in whole] == [int(line.split()[1]) - 512 for line in idx[1:]]  # offsets agree with DALI's
+    errors = []
+    cut = list(iter_tar_samples(io.BytesIO(data[: whole[40][2] + 700]), errors=errors))
+    assert len(cut) == 40 and errors and "truncated" in errors[0]
+    assert cut[-1][1] == whole[39][1]  # the sample before the cut is whole
+    cut = list(iter_tar_samples(io.BytesIO(data[: whole[40][2] + 1600]), errors=[]))  # png in, .cls cut
+    assert len(cut) == 41 and set(cut[-1][1]) == {"png"}
+
+
+def test_image_checks_catch_damage(fmnist):
+    out, _ = fmnist
+    with tarfile.open(out / "train-000000.tar") as tf:
+        png = tf.extractfile("00000000.png").read()
+    assert image_size(png) == (32, 32)
+    flipped = bytearray(png)
+    flipped[len(png) // 2] ^= 1
+    assert image_size(bytes(flipped)) is None
+    assert image_size(png[:-20]) is None and image_size(b"GIF89a...") is None
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 12), (10, 200, 30)).save(buf, "JPEG", quality=95)
+    jpg = buf.getvalue()
+    assert image_size(jpg) == (24, 12) and image_size(jpg[: len(jpg) // 2]) is None
+
+
+class _FlakyClient:
+    """get_object whose body breaks once after ``break_at`` bytes, like an S3 restart mid-stream."""
+
+    def __init__(self, data: bytes, break_at: int):
+        self.data, self.break_at, self.ranges = data, break_at, []
+
+    def get_object(self, Bucket, Key, Range=None):
+        start = int(Range.split("=")[1].rstrip("-")) if Range else 0
+        self.ranges.append(start)
+        client = self
+
+        class Body:
+            pos = start
+
+            def read(self, n=None):
+                end = min(self.pos + min(n or 1 << 30, 1 << 16), len(client.data))  # a socket's partial reads
+                if client.break_at is not None and end > client.break_at:
+                    client.break_at = None
+                    raise ResponseStreamingError(error="connection reset")
+                chunk, self.pos = client.data[self.pos : end], end
+                return chunk
+
+            def close(self):
+                pass
+
+        return {"Body": Body()}
+
+
+def test_object_stream_resumes_at_the_exact_byte(monkeypatch, fmnist):
+    out, _ = fmnist
+    data = (out / "train-000001.tar").read_bytes()
+    fake = _FlakyClient(data, break_at=len(data) // 3 + 17)
+    monkeypatch.setattr(s3mod, "client", lambda *a, **kw: fake)
+    stream = ObjectStream("b", "k", env=object())
+    samples = list(iter_tar_samples(stream))
+    assert len(samples) == 100 and stream.reopens == 1 and fake.ranges[0] == 0 and fake.ranges[1] > 0
+    assert [s[0] for s in samples] == [s[0] for s in iter_tar_samples(io.BytesIO(data))]
