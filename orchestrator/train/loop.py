@@ -25,6 +25,7 @@ from orchestrator.data.loader import ShardLoader
 from orchestrator.env import Env
 from orchestrator.tracking.images import image_grid
 from orchestrator.train import checkpoint as ckpt
+from orchestrator.train import ddp
 
 
 def seed_all(seed: int) -> None:
@@ -100,6 +101,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         tick += 1
         elapsed = time.perf_counter() - t_tick
+        replicas = {"G": recipe.G, "D": recipe.D, "G_ema": recipe.G_ema}
+        ddp.broadcast_buffers(replicas)  # BN statistics drift per rank; rank 0's are the run's
         img_per_s = global_batch * tick_steps / elapsed
         metrics = {k: v / counts[k] for k, v in sums.items()}
         metrics.update({
@@ -108,6 +111,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "progress/kimg": step * global_batch / 1000.0,
             "data/skipped": float(loader.skipped),
         })  # fmt: skip
+        if rank == 0:  # Ray forwards worker stdout to the driver: the user's progress line
+            eta = (cfg.train.steps - step) * elapsed / tick_steps
+            losses = "  ".join(f"{k} {v:7.4f}" for k, v in sorted(metrics.items()) if k.startswith("loss/"))
+            print(f"step {step:>6}/{cfg.train.steps}  kimg {metrics['progress/kimg']:7.2f}  {losses}  "
+                  f"{img_per_s:6.0f} img/s  eta {eta / 60:5.1f} min", flush=True)  # fmt: skip
         if logger:
             logger.log_metrics(metrics, step=step)
             if tick % cfg.train.sample_ticks == 0 or step >= cfg.train.steps:
@@ -123,7 +131,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     meta = {"step": step, "tick": tick, "kimg": metrics["progress/kimg"], "world_size": world,
                             "git_sha": loop_config.get("git_sha", "unknown"),
                             "manifest_hash": loop_config.get("manifest_hash")}  # fmt: skip
-                rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "shards": list(loader.shards)}
+                rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "shards": list(loader.shards),
+                              "fingerprint": ddp.assert_in_sync(replicas)}  # fmt: skip
                 ckpt.save(d, rank=rank, rank_state=rank_state, shared=shared, meta=meta)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:

@@ -68,6 +68,8 @@ def test_ray_job_submit_trains_with_two_workers(stack, s3, dataset, tmp_path):
     r0, r1 = load(f"{last}/{ckpt.rank_file(0)}"), load(f"{last}/{ckpt.rank_file(1)}")
     assert r0["shards"] and r1["shards"] and not set(r0["shards"]) & set(r1["shards"])
     assert len(set(r0["shards"]) | set(r1["shards"])) == 4
+    # DDP replicas identical: every parameter and buffer (BN stats, SN vectors, G_ema) hashed on each rank
+    assert r0["fingerprint"] == r1["fingerprint"] and len(r0["fingerprint"]) > 50
 
     # MLflow: metric history per tick, finite losses, sample PNGs, tags
     from mlflow import MlflowClient
