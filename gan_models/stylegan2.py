@@ -576,7 +576,11 @@ class Recipe:
                 torch.randn(m, self.z_dim, device=self.device), c[:m] if c is not None else None, return_ws=True
             )
             pl_lengths = path_lengths(img.float(), ws)
-            pl_mean = self.pl_mean.lerp(pl_lengths.mean().detach(), hp.pl_decay)
+            batch_mean = pl_lengths.mean().detach()
+            if _world_size() > 1:  # one shared running mean, so every rank penalises the same target
+                dist.all_reduce(batch_mean)
+                batch_mean /= _world_size()
+            pl_mean = self.pl_mean.lerp(batch_mean, hp.pl_decay)
             self.pl_mean.copy_(pl_mean)
             pl_penalty = (pl_lengths - pl_mean).square().mean()
             # The ×0 term keeps every G parameter in the graph (toRGB biases do not affect the path length), which
