@@ -1,9 +1,37 @@
-"""GAN objectives. Each takes discriminator logits and returns a scalar to minimise."""
+"""GAN objectives and gradient regularisers.
+
+Adversarial losses take discriminator logits (any shape; averaged over all elements) and return a scalar to minimise:
+
+=============  ====================================================  ====================================
+name           D loss                                                G loss
+=============  ====================================================  ====================================
+``hinge``      E[relu(1 − D(x))] + E[relu(1 + D(G(z)))]  (BigGAN)    −E[D(G(z))]
+``logistic``   E[softplus(D(G(z)))] + E[softplus(−D(x))] (StyleGAN2)  E[softplus(−D(G(z)))] (non-saturating)
+``wgan``       E[D(G(z))] − E[D(x)]                                   −E[D(G(z))]
+=============  ====================================================  ====================================
+
+``get_loss(name)`` returns the ``(d_loss, g_loss)`` pair. ``wgan`` is only a proper critic objective together with a
+Lipschitz constraint: add ``GP_WEIGHT · gradient_penalty(...)`` (WGAN-GP, Gulrajani et al. 2017, λ = 10) to the D
+loss, or use ``wgan_gp_penalty`` which applies that weight.
+
+Regularisers (add to the D loss):
+
+- ``r1_penalty(x, D(x))`` = E‖∇ₓD(x)‖² at real data, unweighted; the R1 term is ``γ/2 · r1_penalty`` (Mescheder et
+  al. 2018), i.e. ``r1_regularizer(x, D(x), gamma)``. γ has no universal default: StyleGAN2 uses 10 at 1024² and
+  NVlabs' heuristic ``0.0002 · resolution² / batch`` (see ``gan_models.stylegan2.HParams.resolved_r1_gamma``).
+- ``gradient_penalty(D, real, fake, c)`` = E[(‖∇D(x̂)‖₂ − 1)²] at random interpolates x̂, unweighted; the WGAN-GP
+  term is ``λ · gradient_penalty`` with λ = ``GP_WEIGHT`` = 10.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+GP_WEIGHT = 10.0
+"""WGAN-GP's λ (Gulrajani et al. 2017): the D loss is E[D(G(z))] − E[D(x)] + λ · gradient_penalty."""
 
 
 def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -12,6 +40,7 @@ def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tenso
 
 
 def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator side of the hinge loss: −E[D(G(z))]."""
     return -fake_logits.mean()
 
 
@@ -21,32 +50,70 @@ def logistic_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Te
 
 
 def logistic_ns_g(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss: E[softplus(−D(G(z)))] = −E[log σ(D(G(z)))]."""
     return F.softplus(-fake_logits).mean()
 
 
 def wgan_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Wasserstein critic loss E[D(G(z))] − E[D(x)]; add ``GP_WEIGHT · gradient_penalty`` (WGAN-GP)."""
     return fake_logits.mean() - real_logits.mean()
 
 
 def wgan_g(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Wasserstein generator loss: −E[D(G(z))]."""
     return -fake_logits.mean()
 
 
 def r1_penalty(real_images: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared gradient norm of D at real data, averaged (multiply by γ/2 outside).
+    """E over samples of ‖∇ₓD(x)‖² at real data, unweighted (multiply by γ/2 outside, or use ``r1_regularizer``).
 
-    ``real_images`` must have ``requires_grad=True`` before D was applied.
+    ``real_images`` (N×…) must have ``requires_grad=True`` before D was applied; ``real_logits`` holds one logit
+    per sample (or any shape whose sum is differentiable per sample). The graph is kept, so the result can be
+    back-propagated into D's parameters.
     """
     (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
-    return grad.square().sum(dim=[1, 2, 3]).mean()
+    return grad.flatten(1).square().sum(dim=1).mean()
 
 
-def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    """WGAN-GP: E[(‖∇D(x̂)‖₂ − 1)²] on random interpolates x̂ between real and fake."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
-    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+def r1_regularizer(real_images: torch.Tensor, real_logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The R1 term added to the D loss: γ/2 · E‖∇ₓD(x)‖² (Mescheder et al. 2018). ``gamma`` ≥ 0, no default."""
+    if gamma < 0:
+        raise ValueError(f"R1 gamma {gamma} not supported; valid: ≥ 0")
+    return r1_penalty(real_images, real_logits) * (gamma / 2)
+
+
+def gradient_penalty(
+    D: Callable[..., torch.Tensor],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    c: torch.Tensor | None,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """WGAN-GP: E[(‖∇D(x̂)‖₂ − 1)²] on random interpolates x̂ = αx + (1 − α)x̃, α ~ U[0, 1] per sample; unweighted.
+
+    ``D(x, c)`` is called on the interpolates (``c`` is passed through, ``None`` for unconditional D). Multiply the
+    result by ``GP_WEIGHT`` (λ = 10), or call ``wgan_gp_penalty``. ``generator`` makes α reproducible.
+    """
+    shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+    device = generator.device if generator is not None else real.device
+    alpha = torch.rand(shape, generator=generator, device=device, dtype=real.dtype).to(real.device)
+    mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(D(mixed, c).sum(), mixed, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+def wgan_gp_penalty(
+    D: Callable[..., torch.Tensor],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    c: torch.Tensor | None,
+    weight: float = GP_WEIGHT,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """λ · ``gradient_penalty(D, real, fake, c)`` with WGAN-GP's default λ = 10: the term added to ``wgan_d``."""
+    return gradient_penalty(D, real, fake, c, generator=generator) * weight
 
 
 LOSSES = {
