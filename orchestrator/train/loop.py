@@ -8,6 +8,7 @@ It knows the GAN only through the Recipe interface and the data only through Sha
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 import time
@@ -49,6 +50,7 @@ def fixed_latents(recipe, cfg: JobConfig, device: torch.device) -> tuple[torch.T
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is ours, not Ray's
     cfg = JobConfig.from_dict(loop_config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
