@@ -8,10 +8,14 @@ function of the position, so the loader's state is two integers (epoch, samples 
 re-reads at most one window (a ranged GET found through the shard's DALI index) and continues with exactly the next
 sample, with the same flips.
 
-Reading runs in one background thread (boto3 streaming GET → tar stream → cheap validation) feeding a bounded queue;
-DALI pulls whole batches through ``fn.external_source``. Bad samples become holes in the stream: they keep their
-position, are counted in ``skipped`` and never reach DALI. A broken connection is resumed at the exact byte by
-:class:`~orchestrator.data.s3.ObjectStream`, so an S3 restart mid-epoch still yields every sample exactly once.
+Reading runs in one background thread feeding a bounded queue; DALI pulls whole batches through
+``fn.external_source``. The thread streams each shard in large pieces (boto3 GET, or the local shard cache when
+``cache_dir`` is set) and cuts the samples out with the shard's DALI index: the tar headers of a whole piece are
+checked at once with numpy, and what is left per sample is slicing, the label's ``int`` and the image's structural
+check. A shard without a usable index falls back to parsing the tar stream. Bad samples become holes in the stream:
+they keep their position, are counted in ``skipped`` and never reach DALI. A broken connection is resumed at the
+exact byte by :class:`~orchestrator.data.s3.ObjectStream`, so an S3 restart mid-epoch still yields every sample
+exactly once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import queue
 import struct
 import threading
@@ -27,6 +32,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,8 +48,11 @@ from orchestrator.env import Env, split_s3_uri
 
 log = logging.getLogger(__name__)
 
-_QUEUE_CHUNKS = 16  # read-ahead: this many chunks of _CHUNK samples wait for DALI at most
-_CHUNK = 64
+_QUEUE_CHUNKS = 8  # read-ahead: this many chunks of at most _CHUNK samples wait for DALI
+_CHUNK = 256
+_PIECE = 1 << 20  # bytes per read from S3 / the cache: few, large reads
+_SIZE_FIELD, _MAGIC_FIELD = np.arange(124, 136), np.arange(257, 262)  # in a tar header
+_USTAR = np.frombuffer(b"ustar", np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
@@ -124,16 +133,164 @@ def _sample(parts: dict[str, bytes], resolution: int) -> tuple | None:
     return np.frombuffer(data, dtype=np.uint8), label, size != (resolution, resolution)
 
 
+# ---------------------------------------------------------------------------------------------------------- index
+class _Index:
+    """A shard's DALI index as arrays: where each sample's members, image and label lie in the tar.
+
+    ``members`` holds every member's header offset and data size, sample after sample (``first[i]`` is sample ``i``'s
+    first entry in it); ``start``/``end`` bound each sample's bytes (its first header to its last data byte).
+    """
+
+    def __init__(self, lines: list[bytes], resolution: int):
+        heads, sizes, first, start, end, img, cls = [], [], [], [], [], [], []
+        for line in lines:
+            f = line.split()
+            if not f or len(f) % 4:
+                raise ValueError(f"index line {line[:80]!r} is not (ext offset size name)*")
+            first.append(len(heads))
+            offs = [int(o) for o in f[1::4]]
+            lens = [int(n) for n in f[2::4]]
+            exts = [e.decode() for e in f[0::4]]
+            heads += [o - 512 for o in offs]
+            sizes += lens
+            start.append(min(offs) - 512)
+            end.append(max(o + n for o, n in zip(offs, lens)))
+            i = next((exts.index(e) for e in IMAGE_EXTS if e in exts), None)
+            img.append((offs[i], lens[i], exts[i]) if i is not None else None)
+            c = exts.index("cls") if "cls" in exts else None
+            cls.append((offs[c], lens[c]) if c is not None else None)
+        first.append(len(heads))
+        self.heads, self.sizes = np.array(heads, np.int64), np.array(sizes, np.int64)
+        self.first = np.array(first, np.int64)
+        self.start, self.end, self.img, self.cls = start, end, img, cls
+        self.count, self.resolution = len(start), resolution
+
+    @classmethod
+    def parse(cls, body: bytes, count: int, resolution: int) -> _Index | None:
+        """The index, or None when it is not one we can trust for a shard of ``count`` samples."""
+        lines = body.split(b"\n")
+        head = lines[0].split()
+        try:
+            if len(head) != 2 or not head[0].startswith(b"v1.") or int(head[1]) != count:
+                return None
+            idx = cls([ln for ln in lines[1 : count + 1]], resolution)
+        except (ValueError, IndexError):
+            return None
+        return idx if idx.count == count and all(s >= 0 for s in idx.start) else None
+
+    def samples(self, buf: bytes, base: int, lo: int, hi: int) -> list:
+        """Samples ``lo``..``hi`` (all inside ``buf``, which starts at tar offset ``base``): a :func:`_sample`-like
+        tuple each, or None where the sample is unusable. Every member's tar header is checked against the index in
+        one numpy pass."""
+        m0, m1 = int(self.first[lo]), int(self.first[hi])
+        ok = _headers_ok(np.frombuffer(buf, np.uint8), self.heads[m0:m1] - base, self.sizes[m0:m1])
+        bad = set((np.searchsorted(self.first, np.flatnonzero(~ok) + m0, side="right") - 1).tolist())
+        out, res = [], (self.resolution, self.resolution)
+        for i in range(lo, hi):
+            img, lab = self.img[i], self.cls[i]
+            if img is None or lab is None or i in bad:
+                out.append(None)
+                continue
+            try:
+                label = int(buf[lab[0] - base : lab[0] - base + lab[1]])
+            except ValueError:
+                out.append(None)
+                continue
+            data = buf[img[0] - base : img[0] - base + img[1]]
+            if img[2] == "webp":  # no cheap structural check; DALI decides (a failure is handled after the fact)
+                size = None
+            elif (size := image_size(data)) is None:
+                out.append(None)
+                continue
+            out.append((np.frombuffer(data, np.uint8), label, size != res))
+        return out
+
+
+def _octal(field: np.ndarray) -> np.ndarray:
+    """Vectorised tar numeric fields (rows of ASCII octal digits then NUL/space); -1 where a row is not that."""
+    digit = (field >= 48) & (field <= 55)
+    n = digit.sum(1)
+    lead = np.arange(field.shape[1]) < n[:, None]
+    power = np.where(lead, 8 ** np.clip(n[:, None] - 1 - np.arange(field.shape[1]), 0, None), 0)
+    value = ((field.astype(np.int64) - 48) * power).sum(1)
+    return np.where((digit == lead).all(1) & (n > 0), value, -1)
+
+
+def _headers_ok(buf: np.ndarray, heads: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Per member: a ustar header where the index says, giving the index's size (one small gather for all).
+
+    This checks that tar and index agree, which is all the index path relies on (the header's other fields are never
+    used). The content is covered by each image's own check and by the shard's sha256.
+    """
+    size = _octal(buf[heads[:, None] + _SIZE_FIELD])
+    magic = buf[heads[:, None] + _MAGIC_FIELD]
+    return (size == sizes) & (magic == _USTAR).all(1)
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+class _ShardCache:
+    """Local copies of verified shards under ``root``, least recently used evicted beyond ``max_bytes``.
+
+    A shard enters the cache only after it streamed whole with the manifest's sha256, and is renamed into place, so
+    a reader never sees a partial or unverified copy; several ranks on one node can share the folder.
+    """
+
+    def __init__(self, root: str, max_bytes: int):
+        self.root, self.max_bytes = Path(root).expanduser(), max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, entry: dict) -> Path:
+        return self.root / f"{entry['sha256'][:16]}-{entry['name']}"  # content-addressed: a re-written dataset misses
+
+    def open(self, entry: dict):
+        p = self.path(entry)
+        try:
+            if p.stat().st_size != entry["bytes"]:
+                return None
+            os.utime(p)  # recently used
+            return open(p, "rb")
+        except OSError:
+            return None
+
+    def writer(self, entry: dict):
+        if entry["bytes"] > self.max_bytes:
+            return None
+        with contextlib.suppress(OSError):
+            return open(self.path(entry).with_suffix(f".partial-{os.getpid()}-{threading.get_ident()}"), "wb")
+        return None
+
+    def commit(self, entry: dict, f, ok: bool) -> None:
+        f.close()
+        tmp = Path(f.name)
+        if not ok:
+            tmp.unlink(missing_ok=True)
+            return
+        os.replace(tmp, self.path(entry))
+        files = sorted(self.root.glob("*.tar"), key=lambda q: q.stat().st_mtime)
+        total = sum(q.stat().st_size for q in files)
+        for q in files[:-1]:
+            if total <= self.max_bytes:
+                break
+            total -= q.stat().st_size
+            q.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------------------- reading
-class _HashingReader:
-    """Passes reads through while hashing them: the shard's sha256 is checked at no extra pass."""
+class _Pieces:
+    """A byte source (S3 stream or local file) read in large pieces, hashed and optionally copied as it goes."""
 
-    def __init__(self, raw):
-        self.raw, self.sha = raw, hashlib.sha256()
+    def __init__(self, raw, copy=None, *, hash: bool = True):
+        self.raw, self.copy, self.sha = raw, copy, hashlib.sha256() if hash else None
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int) -> bytes:
         data = self.raw.read(n)
-        self.sha.update(data)
+        if self.sha is not None:
+            self.sha.update(data)
+        if self.copy is not None:
+            try:
+                self.copy.write(data)
+            except OSError:  # a full disk disables the copy, never the read
+                self.copy = None
         return data
 
 
@@ -174,6 +331,8 @@ class ShardLoader:
         self._epoch, self._pos = 0, 0  # the next sample to deliver: its epoch and index in that epoch's order
         self._thread: threading.Thread | None = None
         self._iter = None
+        self._indexes: dict[str, _Index | None] = {}  # shard name → its parsed index (None: parse the tar instead)
+        self._cache = _ShardCache(cfg.cache_dir, int(cfg.cache_gb * 2**30)) if cfg.cache_dir else None
         self._check_shards()
 
     # ------------------------------------------------------------------------------------------------ public
@@ -264,12 +423,13 @@ class ShardLoader:
         self._stop = threading.Event()
         self._failure: Exception | None = None
         self._pending: deque = deque()  # batches handed to DALI, not yet delivered: (position after, skipped, data)
-        self._requeued: deque = deque()  # samples from a batch DALI failed on, to go out again
+        self._requeued: tuple | None = None  # (position after, samples) of a batch DALI failed on, to go out again
         block = self._pos // self.window * self.window
         self._thread = threading.Thread(target=self._read, args=(self._epoch, block), daemon=True,
                                         name=f"gf-shards-r{self.rank}")  # fmt: skip
         self._thread.start()
-        self._samples = self._ordered(self._epoch, self._pos)
+        self._samples = self._windows(self._epoch, self._pos)
+        self._cur, self._j = None, 0  # the window being delivered, and the next index in it
         self._pipe = self._build_pipeline()
         self._iter = DALIGenericIterator(self._pipe, ["images", "labels"])
 
@@ -305,8 +465,8 @@ class ShardLoader:
         rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, window])
         return rng.permutation(n), rng.integers(0, 2, n, dtype=np.int32) * int(self.cfg.hflip)
 
-    def _ordered(self, epoch: int, pos: int) -> Iterator[tuple[tuple[int, int], tuple | None, int]]:
-        """((epoch, position after), sample or None, mirror) in delivery order, starting at ``pos``."""
+    def _windows(self, epoch: int, pos: int) -> Iterator[tuple[int, int, list, np.ndarray, int]]:
+        """(epoch, window, its samples in delivery order (None = hole), their flips, first index to deliver)."""
         pending: list = []
         w, skip = divmod(pos, self.window)
         while True:
@@ -319,65 +479,68 @@ class ShardLoader:
                 pending.extend(chunk)
             block, pending = pending[:n], pending[n:]
             perm, flips = self._window_order(epoch, w, n)
-            for j in range(skip, n):
-                after = (
-                    (epoch, w * self.window + j + 1) if w * self.window + j + 1 < self.epoch_size else (epoch + 1, 0)
-                )
-                yield after, block[perm[j]], int(flips[j])
+            yield epoch, w, [block[i] for i in perm.tolist()], flips, skip
             skip, w = 0, w + 1
             if w * self.window >= self.epoch_size:
                 epoch, w = epoch + 1, 0
 
     def _next_batch(self):
         """DALI's source: one full batch of encoded images, labels, mirror flags and resize flags."""
-        data, labels, mirror, resize, kept = [], [], [], [], []
+        size = self.cfg.batch_size
+        kept: list = []  # (sample, flip)
         skipped, after = 0, (self._epoch, self._pos)
-        while len(data) < self.cfg.batch_size:
-            pos, sample, flip = self._requeued.popleft() if self._requeued else next(self._samples)
-            after = max(after, pos)
-            if sample is None:
-                skipped += 1
-                continue
-            data.append(sample[0])
-            labels.append(np.array(sample[1], dtype=np.int64))
-            resize.append(np.array(sample[2]))
-            mirror.append(np.array(flip, dtype=np.int32))
-            kept.append((pos, sample, flip))
+        if self._requeued:
+            after = max(after, self._requeued[0])
+            while self._requeued[1] and len(kept) < size:
+                kept.append(self._requeued[1].popleft())
+        while len(kept) < size:
+            if self._cur is None or self._j >= len(self._cur[2]):
+                self._cur = next(self._samples)
+                self._j = self._cur[4]
+            epoch, w, items, flips, _ = self._cur
+            j, k = self._j, min(len(items), self._j + size - len(kept))
+            part = items[j:k]
+            got = [(x, f) for x, f in zip(part, flips[j:k].tolist()) if x is not None]
+            skipped += len(part) - len(got)
+            kept += got
+            self._j = k
+            at = w * self.window + k
+            after = max(after, (epoch, at) if at < self.epoch_size else (epoch + 1, 0))
         self._pending.append((after, skipped, kept))
-        return data, labels, mirror, resize
+        return ([x[0] for x, _ in kept], np.array([x[1] for x, _ in kept], np.int64),
+                np.array([f for _, f in kept], np.int32), np.array([x[2] for x, _ in kept], bool))  # fmt: skip
 
     def _recover_from_decode_error(self) -> None:
         """DALI failed on a batch that passed the cheap checks: find the bad images with PIL (rare, so the slow
         probe is fine) and send the good ones out again. DALI keeps running after a failed iteration."""
-        _, skipped, kept = self._pending.popleft()
+        after, skipped, kept = self._pending.popleft()
         self.skipped += skipped
         good = []
         for item in kept:
             try:
-                with Image.open(io.BytesIO(item[1][0].tobytes())) as im:
+                with Image.open(io.BytesIO(item[0][0].tobytes())) as im:
                     im.convert("RGB")
                 good.append(item)
             except (OSError, ValueError):
                 self.skipped += 1
         log.warning("DALI could not decode a batch; %d of %d images were bad and are skipped",
                     len(kept) - len(good), len(kept))  # fmt: skip
-        self._requeued.extendleft(reversed(good))
+        if self._requeued and self._requeued[1]:  # (cannot happen: a requeued batch is re-sent before new ones)
+            good += list(self._requeued[1])
+        self._requeued = (max(after, self._requeued[0]) if self._requeued else after, deque(good))
 
     # ------------------------------------------------------------------------------------------------ reader thread
     def _read(self, epoch: int, start: int) -> None:
         """Stream this rank's samples in stream order from (epoch, start), forever: one item per position."""
         try:
-            chunk: list = []
             while not self._stop.is_set():
                 offset = 0
                 for entry in self._epoch_shards(epoch):
                     count = int(entry["count"])
                     if offset + count > start:
-                        for item in self._read_shard(entry, max(0, start - offset)):
-                            chunk.append(item)
-                            if len(chunk) >= _CHUNK:
-                                self._put(chunk)
-                                chunk = []
+                        for items in self._read_shard(entry, max(0, start - offset)):
+                            for i in range(0, len(items), _CHUNK):
+                                self._put(items[i : i + _CHUNK])
                     offset += count
                     if self._stop.is_set():
                         return
@@ -393,38 +556,121 @@ class ShardLoader:
             except queue.Full:
                 continue
 
-    def _read_shard(self, entry: dict, skip: int) -> Iterator[tuple | None]:
-        """Exactly ``count - skip`` items for one shard: a sample, or None where it is bad or missing."""
-        key = self.prefix + entry["name"]
-        uri = f"s3://{self.bucket}/{key}"
-        stream = ObjectStream(self.bucket, key, start=self._sample_offset(entry, skip) if skip else 0, env=self.env)
-        reader = _HashingReader(stream)
-        want, got, errors = int(entry["count"]) - skip, 0, []
+    def _index(self, entry: dict) -> _Index | None:
+        """The shard's parsed DALI index (one small GET, then kept), or None if it is missing or does not fit."""
+        name = entry["name"]
+        if name not in self._indexes:
+            idx = None
+            if entry.get("index"):
+                try:
+                    idx = _Index.parse(self._get(entry["index"]), int(entry["count"]), self.resolution)
+                except ClientError as e:
+                    log.warning("%s: index unreadable (%s); parsing the tar instead", name, describe_error(
+                        e, self.env, f"s3://{self.bucket}/{self.prefix}{entry['index']}"))  # fmt: skip
+                if idx is None:
+                    log.warning("%s: no usable index; parsing the tar stream instead", name)
+            self._indexes[name] = idx
+        return self._indexes[name]
+
+    def _source(self, entry: dict, start: int, whole: bool) -> tuple[object, object, bool]:
+        """(readable from tar offset ``start``, cache file to fill or None, whether it was verified already)."""
+        if self._cache is not None:
+            f = self._cache.open(entry)
+            if f is not None:  # verified when it entered the cache
+                f.seek(start)
+                return f, None, True
+        stream = ObjectStream(self.bucket, self.prefix + entry["name"], start=start, env=self.env)
+        return stream, (self._cache.writer(entry) if self._cache is not None and whole else None), False
+
+    def _read_shard(self, entry: dict, skip: int) -> Iterator[list]:
+        """Exactly ``count - skip`` items for one shard, in lists: a sample, or None where it is bad or missing."""
+        uri = f"s3://{self.bucket}/{self.prefix}{entry['name']}"
+        idx = self._index(entry)
+        count = int(entry["count"])
+        base = idx.start[skip] if idx is not None else 0
+        raw, copy, verified = self._source(entry, base, whole=skip == 0)
+        src = _Pieces(raw, copy, hash=not verified and skip == 0)
+        intact = False
         try:
-            for name, parts, _ in iter_tar_samples(reader, errors=errors):
-                if got == want:
-                    log.warning("%s holds more samples than manifest.json says (%d); ignoring the rest", uri, want)
-                    break
-                got += 1
-                sample = _sample(parts, self.resolution)
-                if sample is None:
-                    log.warning("%s: sample %s is unusable (bad image or label); skipped", uri, name)
-                yield sample
+            if idx is not None:
+                clean = yield from self._indexed(src, idx, skip, base, uri)
             else:
-                if not errors:
-                    while reader.read(1 << 20):  # the tar's end padding, so the hash covers the whole object
-                        pass
-                    if skip == 0 and reader.sha.hexdigest() != entry["sha256"]:
-                        self.checksum_errors += 1
-                        log.warning("%s: sha256 differs from manifest.json; its samples were checked one by one", uri)
+                clean = yield from self._parsed(src, count, skip, uri)
+            if clean and src.sha is not None:
+                while src.read(_PIECE):  # the tar's end padding, so the hash covers the whole object
+                    pass
+                intact = src.sha.hexdigest() == entry["sha256"]
+                if not intact:
+                    self.checksum_errors += 1
+                    log.warning("%s: sha256 differs from manifest.json; its samples were checked one by one", uri)
         finally:
-            stream.close()
+            if copy is not None:
+                self._cache.commit(entry, copy, intact and src.copy is not None)
+            raw.close()
+
+    def _indexed(self, src: _Pieces, idx: _Index, skip: int, base: int, uri: str) -> Iterator[list]:
+        """Samples cut out of large pieces of the stream by the index; returns whether the stream held them all."""
+        buf, i = b"", skip
+        while i < idx.count:
+            need = idx.end[i] - base  # at least the next whole sample, and as much as one read brings
+            parts, have = [buf], len(buf)
+            while have < need or have == len(buf):
+                data = src.read(max(_PIECE, need - have))
+                if not data:
+                    break
+                parts.append(data)
+                have += len(data)
+            buf = b"".join(parts)
+            top = base + len(buf)
+            j = i
+            while j < idx.count and idx.end[j] <= top:
+                j += 1
+            if j == i:  # the stream ended inside sample i: the rest of the shard is lost, its positions stay as holes
+                log.warning("%s: ends early (truncated); %d of its samples skipped", uri, idx.count - i)
+                yield [None] * (idx.count - i)
+                return False
+            items = idx.samples(buf, base, i, j)
+            for k, item in enumerate(items):
+                if item is None:
+                    log.warning("%s: sample %d is unusable (bad image, label or tar header); skipped", uri, i + k)
+            yield items
+            cut = idx.start[j] - base if j < idx.count else len(buf)
+            buf, base, i = buf[cut:], base + cut, j
+        return True
+
+    def _parsed(self, src: _Pieces, want: int, skip: int, uri: str) -> Iterator[list]:
+        """The fallback without an index: the tar stream parsed member by member from its start (the first ``skip``
+        samples are dropped); returns whether it ended cleanly."""
+        got, errors, items, clean = 0, [], [], True
+        for name, parts, _ in iter_tar_samples(src, errors=errors):
+            if got == want:
+                log.warning("%s holds more samples than manifest.json says (%d); ignoring the rest", uri, want)
+                clean = False
+                break
+            got += 1
+            if got <= skip:
+                continue
+            sample = _sample(parts, self.resolution)
+            if sample is None:
+                log.warning("%s: sample %s is unusable (bad image or label); skipped", uri, name)
+            items.append(sample)
+            if len(items) == _CHUNK:
+                yield items
+                items = []
         if got < want:  # truncated: the rest of this shard is lost, its positions stay (as holes)
             log.warning("%s: %s; %d of its samples skipped", uri, errors[0] if errors else "ends early", want - got)
-            yield from [None] * (want - got)
+            items += [None] * (want - max(got, skip))
+        if items:
+            yield items
+        return clean and not errors
 
-    def _sample_offset(self, entry: dict, i: int) -> int:
-        """Byte offset of sample ``i``'s first tar header, from the shard's DALI index (one small GET)."""
-        body = client(self.env).get_object(Bucket=self.bucket, Key=self.prefix + entry["index"])["Body"].read()
-        line = body.split(b"\n", i + 2)[i + 1].split()
-        return int(line[1]) - 512  # a one-block ustar header precedes each member's data in shards we write
+    def _get(self, name: str) -> bytes:
+        """A small object under the prefix, whole; retried through S3 restarts like the shards' streams."""
+        stream = ObjectStream(self.bucket, self.prefix + name, env=self.env)
+        try:
+            parts = []
+            while data := stream.read(_PIECE):
+                parts.append(data)
+            return b"".join(parts)
+        finally:
+            stream.close()

@@ -33,7 +33,7 @@ def fingerprint(modules: dict[str, nn.Module]) -> dict[str, str]:
     out = {}
     for name, module in modules.items():
         for key, t in module.state_dict().items():
-            data = t.detach().cpu().contiguous()
+            data = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (step counters) cannot be viewed
             out[f"{name}.{key}"] = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
     return out
 

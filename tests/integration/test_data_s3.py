@@ -16,6 +16,7 @@ import torch
 
 from orchestrator.config import DataConfig
 from orchestrator.data import fashion_mnist
+from orchestrator.data import loader as loader_mod
 from orchestrator.data import s3 as s3mod
 from orchestrator.data.loader import ShardLoader
 from orchestrator.data.s3 import DataError, check_prefix
@@ -227,3 +228,55 @@ def test_s3_restart_mid_epoch_yields_every_sample_once(stack, dataset, reference
     x = torch.cat(first + rest)
     assert _counts(_to_uint8(x)) == _counts(reference[0]) and loader.skipped == 0
     assert loader.checksum_errors == 0
+
+
+def test_shard_cache_serves_later_epochs_identically(monkeypatch, tmp_path, dataset):
+    uri, manifest = dataset
+    opened = []
+
+    class Counting(loader_mod.ObjectStream):
+        def __init__(self, bucket, key, **kw):
+            opened.append(key.rsplit("/", 1)[1])
+            super().__init__(bucket, key, **kw)
+
+    monkeypatch.setattr(loader_mod, "ObjectStream", Counting)
+    batches = N // BATCH
+    with ShardLoader(_cfg(uri, hflip=True)) as plain:
+        it = iter(plain)
+        expected = [next(it) for _ in range(2 * batches)]
+    opened.clear()
+    cache = tmp_path / "cache"
+    with ShardLoader(_cfg(uri, hflip=True, cache_dir=str(cache))) as cached:
+        it = iter(cached)
+        for i in range(2 * batches):  # epoch 1 streams every shard once, verified and cached; epoch 2 reads those
+            x, y = next(it)
+            assert torch.equal(x, expected[i][0]) and torch.equal(y, expected[i][1]), f"batch {i} differs"
+    tars = [o for o in opened if o.endswith(".tar")]
+    assert sorted(tars) == sorted(s["name"] for s in manifest["shards"])  # epoch 2 came from the cache alone
+    assert sorted(p.name.split("-", 1)[1] for p in cache.glob("*.tar")) == sorted(tars)
+
+
+def test_shards_without_index_are_parsed_and_resume(s3, dataset, reference):
+    uri, _ = dataset
+    bad_uri, prefix = _copy_dataset(s3, uri)
+    s3.delete_object(Bucket="ganforge", Key=f"{prefix}/train-000001.idx")
+    s3.put_object(Bucket="ganforge", Key=f"{prefix}/train-000004.idx", Body=b"v1.2 3\nnot an index\n")
+    with ShardLoader(_cfg(bad_uri)) as loader:
+        x, _ = _epoch(loader)
+        assert loader.skipped == 0 and loader.checksum_errors == 0
+    assert _counts(_to_uint8(x)) == _counts(reference[0])
+    cfg = _cfg(bad_uri, hflip=True, shuffle_buffer=100, batch_size=50)
+    with ShardLoader(cfg) as loader:
+        order = [s["name"] for s in loader._epoch_shards(0)]
+        it = iter(loader)
+        stop = order.index("train-000001.tar") * PER_SHARD + 250  # resuming re-reads from sample 200 of that shard
+        for _ in range(stop // 50):
+            next(it)
+        state = loader.state_dict()
+        expected = [next(it) for _ in range(5)]
+    with ShardLoader(cfg) as resumed:
+        resumed.load_state_dict(state)
+        it = iter(resumed)
+        for x, y in expected:
+            rx, ry = next(it)
+            assert torch.equal(rx, x) and torch.equal(ry, y)

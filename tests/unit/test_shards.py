@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from orchestrator.data import fashion_mnist
 from orchestrator.data import s3 as s3mod
-from orchestrator.data.loader import image_size
+from orchestrator.data.loader import _Index, _sample, _ShardCache, image_size
 from orchestrator.data.s3 import DataError, ObjectStream
 from orchestrator.data.shards import center_crop_resize, iter_tar_samples, manifest_hash, write_shards
 
@@ -194,3 +195,43 @@ def test_object_stream_resumes_at_the_exact_byte(monkeypatch, fmnist):
     samples = list(iter_tar_samples(stream))
     assert len(samples) == 100 and stream.reopens == 1 and fake.ranges[0] == 0 and fake.ranges[1] > 0
     assert [s[0] for s in samples] == [s[0] for s in iter_tar_samples(io.BytesIO(data))]
+
+
+def test_index_path_cuts_the_same_samples_as_the_tar_parser(fmnist):
+    out, manifest = fmnist
+    entry = manifest["shards"][0]
+    data = (out / entry["name"]).read_bytes()
+    idx = _Index.parse((out / entry["index"]).read_bytes(), entry["count"], 32)
+    assert idx is not None and idx.count == 100
+    parsed = [_sample(parts, 32) for _, parts, _ in iter_tar_samples(io.BytesIO(data))]
+    base = idx.start[30]  # a resumed read starts at a sample's first header
+    cut = idx.samples(data[:base], 0, 0, 30) + idx.samples(data[base:], base, 30, 100)
+    assert [(a[0].tobytes(), a[1], a[2]) for a in cut] == [(b[0].tobytes(), b[1], b[2]) for b in parsed]
+    # damage: a tar header that disagrees with the index, a bad label, a broken image → exactly those are holes
+    bad = bytearray(data)
+    bad[idx.heads[idx.first[3]] + 124 : idx.heads[idx.first[3]] + 136] = b"00000000077\0"  # size field
+    label_at = idx.cls[5][0]
+    bad[label_at] = ord("x")
+    png_at, png_len = idx.img[7][:2]
+    bad[png_at + png_len // 2] ^= 1
+    holes = [i for i, s in enumerate(idx.samples(bytes(bad), 0, 0, 100)) if s is None]
+    assert holes == [3, 5, 7]
+    # an index that does not describe the shard is refused, so the loader parses the tar instead
+    assert _Index.parse((out / entry["index"]).read_bytes(), entry["count"] + 1, 32) is None
+    assert _Index.parse(b"not an index", entry["count"], 32) is None
+
+
+def test_shard_cache_keeps_verified_shards_under_its_cap(tmp_path):
+    entries = [{"name": f"train-{i:06d}.tar", "sha256": f"{i:064x}", "bytes": 1000} for i in range(5)]
+    cache = _ShardCache(str(tmp_path), max_bytes=3500)
+    for i, e in enumerate(entries):
+        f = cache.writer(e)
+        f.write(bytes(1000))
+        cache.commit(e, f, ok=i != 2)  # shard 2 failed its checksum: never cached
+        time.sleep(0.01)  # distinct mtimes: eviction order is well defined
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == [cache.path(e).name for e in (entries[1], entries[3], entries[4])]  # oldest evicted, no partials
+    assert cache.open(entries[2]) is None and cache.open(entries[0]) is None
+    with cache.open(entries[3]) as f:
+        assert f.read() == bytes(1000)
+    assert cache.writer({**entries[0], "bytes": 4000}) is None  # larger than the whole cache: not worth copying
