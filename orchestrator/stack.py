@@ -150,7 +150,8 @@ class LocalStack:
             log(f"{name:7s} up in {time.monotonic() - t0:4.1f} s")
 
     def down(self, log=print) -> None:
-        for name in ("ray", "mlflow", "s3"):
+        extra = sorted(k for k in self._state().get("pids", {}) if k.startswith("ray-node-"))
+        for name in (*extra, "ray", "mlflow", "s3"):
             if self._stop_one(name):
                 log(f"{name:7s} stopped")
             else:
@@ -164,6 +165,47 @@ class LocalStack:
             name: {"url": urls[name], "healthy": check(), "pid": pids.get(name), "alive": _alive(pids.get(name))}
             for name, check in checks.items()
         }
+
+    def add_node(self, num_cpus: int = 1, resources: dict[str, float] | None = None, timeout: float = 90) -> str:
+        """Start one more Ray node (its own raylet, object store and workers) joining this head, as a second
+        machine would. Returns its name for ``kill_node``. Several of these make a multi-node cluster on one host."""
+        name = f"ray-node-{len([k for k in self._state().get('pids', {}) if k.startswith('ray-node-')]) + 1}"
+        marked = {**(resources or {}), f"gf-{name}": 1}  # lets node_name() tell the nodes apart
+        # `ray start --address` rewrites 127.0.0.1 to the eth0 address when joining; Ray's own cluster test
+        # utilities start a Node object directly instead, which keeps every address on loopback.
+        cmd = [sys.executable, "-m", "orchestrator.stack", "node", self.ray_gcs_address, str(num_cpus),
+               json.dumps(marked)]  # fmt: skip
+        env = {**os.environ, **self.client_environ(), "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS")
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        self._spawn(name, cmd, env)
+        self._wait(name, lambda: any(f"gf-{name}" in n.get("resources_total", {}) for n in self.ray_nodes()), timeout)
+        return name
+
+    def node_name(self, node_id: str) -> str | None:
+        """Our name for a Ray node id: "head", or the ``ray-node-N`` whose marker resource it carries."""
+        for n in self.ray_nodes():
+            if n["node_id"] == node_id:
+                if n.get("is_head_node"):
+                    return "head"
+                marks = [k[len("gf-") :] for k in n.get("resources_total", {}) if k.startswith("gf-ray-node-")]
+                return marks[0] if marks else None
+        return None
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a node's whole process tree (raylet, object store, workers): a machine that just died."""
+        pids = self._state().get("pids", {})
+        for p in _process_tree(pids.get(name)):
+            _signal(p, signal.SIGKILL)
+
+    def ray_nodes(self) -> list[dict]:
+        """Alive Ray nodes, from the dashboard's state API."""
+        try:
+            with urllib.request.urlopen(f"{self.ray_url}/api/v0/nodes?detail=true&limit=100", timeout=5) as r:
+                nodes = json.loads(r.read())["data"]["result"]["result"]
+        except (OSError, KeyError, ValueError):
+            return []
+        return [n for n in nodes if n.get("state") == "ALIVE"]
 
     def stop_service(self, name: str) -> None:
         """Stop one service (tests use this to simulate outages)."""
@@ -396,3 +438,21 @@ def _tail(path: Path, n: int = 20) -> str:
 def default_stack(root: str | os.PathLike = ".ganforge") -> LocalStack:
     env = Env.from_environ()
     return LocalStack(root=Path(root), env=env, ports=Ports.from_env(env))
+
+
+def run_node(gcs_address: str, num_cpus: int, resources: dict[str, float]) -> None:
+    """One extra Ray node (raylet, object store, its workers) joined to ``gcs_address``; runs until killed."""
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    params = RayParams(
+        gcs_address=gcs_address, node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=0, resources=resources,
+        object_store_memory=150 * 1024**2, min_worker_port=0, max_worker_port=0, node_manager_port=0,
+        include_log_monitor=False, dashboard_agent_listen_port=None,
+    )  # fmt: skip
+    Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["node"]:
+    run_node(sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))

@@ -71,8 +71,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str
 
     check_server(tracking_uri)
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = ensure_experiment(client, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     tags = {**tags, RUN_NAME_TAG: run_name}
     if parent_run_id:
@@ -88,6 +87,21 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str
             client.log_batch(run_id, params=items[i : i + 100])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     return RunInfo(run_id, exp_id, tracking_uri)
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The experiment's id, created if missing; safe when two jobs create it at the same moment."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def close_run(info: RunInfo, status: str = "FINISHED") -> None:
