@@ -173,7 +173,7 @@ class LocalStack:
         marked = {**(resources or {}), f"gf-{name}": 1}  # lets node_name() tell the nodes apart
         # `ray start --address` rewrites 127.0.0.1 to the eth0 address when joining; Ray's own cluster test
         # utilities start a Node object directly instead, which keeps every address on loopback.
-        cmd = [sys.executable, "-m", "orchestrator.stack", "node", self.ray_gcs_address, str(num_cpus),
+        cmd = [sys.executable, "-m", "orchestrator.stack", "node", name, self.ray_gcs_address, str(num_cpus),
                json.dumps(marked)]  # fmt: skip
         env = {**os.environ, **self.client_environ(), "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS")
@@ -440,19 +440,22 @@ def default_stack(root: str | os.PathLike = ".ganforge") -> LocalStack:
     return LocalStack(root=Path(root), env=env, ports=Ports.from_env(env))
 
 
-def run_node(gcs_address: str, num_cpus: int, resources: dict[str, float]) -> None:
-    """One extra Ray node (raylet, object store, its workers) joined to ``gcs_address``; runs until killed."""
+def run_node(name: str, gcs_address: str, num_cpus: int, resources: dict[str, float]) -> None:
+    """One extra Ray node (raylet, object store, its workers) joined to ``gcs_address``; runs until killed.
+
+    Nodes on one host share the head's session folder; each gets its own runtime-env folder, or one node's
+    garbage collection would delete a job's working directory under a driver running on another."""
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
     params = RayParams(
         gcs_address=gcs_address, node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=0, resources=resources,
         object_store_memory=150 * 1024**2, min_worker_port=0, max_worker_port=0, node_manager_port=0,
-        include_log_monitor=False, dashboard_agent_listen_port=None,
+        include_log_monitor=False, dashboard_agent_listen_port=None, runtime_env_dir_name=f"runtime_resources_{name}",
     )  # fmt: skip
     Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["node"]:
-    run_node(sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]))
+    run_node(sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]))
