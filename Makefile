@@ -11,7 +11,7 @@ export AWS_EC2_METADATA_DISABLED := true
 DEMO_NAME ?= demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?=
 
-.PHONY: install data lint format test test-unit test-integration demo up down status bench bench-data bench-fid bench-models clean
+.PHONY: install data lint format test test-unit test-integration demo up down status bench bench-data bench-fid bench-models bench-tune bench-scaling clean
 
 install: $(STAMP)
 
@@ -66,7 +66,7 @@ demo: install data
 	  python jobs/biggan.py train.name=$(DEMO_NAME) $(DEMO_ARGS) && \
 	echo "demo finished in $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"
 
-bench: bench-data bench-fid bench-models
+bench: bench-data bench-fid bench-models bench-tune bench-scaling
 
 bench-data: install data
 	$(PY) tests/benchmarks/bench_data.py
@@ -74,8 +74,15 @@ bench-data: install data
 bench-fid: install data
 	$(PY) tests/benchmarks/bench_fid.py
 
+bench-scaling: install
+	$(PY) tests/benchmarks/bench_scaling.py
+
 bench-models: install
 	$(PY) tests/benchmarks/bench_models.py
+
+# ASHA vs the full grid on a 6-trial lr × batch-size sweep (own local stack; ~15-20 min on 2 cores)
+bench-tune: install data
+	$(PY) tests/benchmarks/bench_tune.py
 
 clean: down
 	rm -rf .ganforge outputs

@@ -3,6 +3,10 @@
     ganforge up | down | status            local SeaweedFS S3 + MLflow + Ray head under .ganforge/
     ganforge shards --dataset fashion-mnist --out s3://ganforge/datasets/fashion-mnist
     ganforge train biggan [--config FILE] [key=value ...]
+    ganforge sample models:/biggan@champion --n 64 --seed 0 --out grid.png   (or models:/biggan/3, a checkpoint)
+    ganforge models list | show NAME | register RUN_ID_OR_NAME
+    ganforge sweep [--config jobs/configs/tune_sweep.yaml] [sweep.key=value | section.key=value ...]
+    ganforge classifier --dataset s3://ganforge/datasets/fashion-mnist
 
 Bad input ends with one line on stderr naming the problem and exit status 2.
 """
@@ -11,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -23,6 +29,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestrator.train.checkpoint import CheckpointError
 
     return (ConfigError, CheckpointError, TrackingError, ValueError, FileNotFoundError)
+
+
+def report_error(e: Exception) -> int:
+    """One line for the user; the traceback too when GANFORGE_DEBUG is set."""
+    if os.environ.get("GANFORGE_DEBUG"):
+        traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def default_config(model: str) -> Path | None:
@@ -51,8 +65,7 @@ def run_job(model: str, argv: list[str] | None = None) -> int:
 
         outcome = fit(cfg)
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     print()
     print(f"run              {outcome.name}  ({outcome.wall_s / 60:.1f} min)")
     print(f"MLflow run       {outcome.mlflow_url or '(tracking disabled)'}")
@@ -110,6 +123,98 @@ def cmd_train(args) -> int:
     return run_job(args.model, args.rest)
 
 
+# --- model registry + sampling (orchestrator/tracking/registry.py, orchestrator/sample.py) ---------------------------
+
+
+def cmd_sample(args) -> int:
+    from orchestrator.sample import sample_grid
+
+    sample_grid(args.source, args.out, n=args.n, seed=args.seed, truncation=args.truncation, class_=args.class_,
+                scale=args.scale)  # fmt: skip
+    return 0
+
+
+def cmd_models(args) -> int:
+    from orchestrator.tracking import registry
+
+    if args.models_command == "list":
+        return registry.list_models()
+    if args.models_command == "show":
+        return registry.show_model(args.name)
+    registry.register_run(args.run, model_name=args.model_name or None)
+    return 0
+
+
+def add_registry_commands(sub) -> None:
+    p = sub.add_parser("sample", help="a seeded grid of samples from a registered model or a checkpoint")
+    p.add_argument("source", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint dir or s3://…/checkpoint_…")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same PNG")
+    p.add_argument("--truncation", type=float, default=None, help="truncation (BigGAN: |z| bound, StyleGAN2: psi)")
+    p.add_argument("--class", dest="class_", type=int, default=None, help="one class for all (default: row r → r)")
+    p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
+    p.add_argument("--out", default="samples.png", help="PNG path (default samples.png)")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("models", help="the MLflow model registry: list, show, register")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="registered models with their champion and challenger").set_defaults(func=cmd_models)
+    q = msub.add_parser("show", help="versions of a model: aliases, FID, dataset, source runs")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_models)
+    q = msub.add_parser("register", help="register a finished run's G_ema (champion if its FID is best)")
+    q.add_argument("run", help="MLflow run id or ganforge run name")
+    q.add_argument("--model-name", default="", help="registered model name (default: the run's model kind)")
+    q.set_defaults(func=cmd_models)
+
+
+# --- sweeps and the domain classifier (orchestrator/tune/, orchestrator/metrics/classifier.py) ---------------------
+
+
+def run_sweep_cli(argv: list[str] | None = None) -> int:
+    """Entry point shared by `jobs/tune_sweep.py` and `ganforge sweep`."""
+    parser = argparse.ArgumentParser(prog="ganforge sweep", description="Ray Tune lr × batch-size sweep with ASHA.")
+    parser.add_argument("--config", help="sweep YAML (default: jobs/configs/tune_sweep.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved sweep config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        from orchestrator.tune.sweep import load_sweep_config, run_sweep
+
+        sweep = load_sweep_config(args.config or str(JOB_CONFIGS / "tune_sweep.yaml"), args.overrides)
+        sweep.job()  # the base job config must be valid too
+        if args.print_config:
+            import dataclasses
+
+            print(json.dumps(dataclasses.asdict(sweep), indent=2, default=str))
+            return 0
+        outcome = run_sweep(sweep)
+    except _user_errors() as e:
+        return report_error(e)
+    print(f"MLflow sweep run {outcome.parent_run_url or '(tracking disabled)'}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    return run_sweep_cli(args.rest)
+
+
+def cmd_classifier(args) -> int:
+    from orchestrator.metrics.classifier import ensure_classifier
+
+    _, info = ensure_classifier(args.dataset)
+    print(f"domain classifier for {args.dataset}: hold-out accuracy {info['holdout_accuracy']:.3f}")
+    return 0
+
+
+def add_sweep_commands(sub) -> None:
+    p = sub.add_parser("sweep", help="Ray Tune sweep over lr × batch size (same as python jobs/tune_sweep.py)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("classifier", help="train (once) the domain classifier behind the fd_classifier metric")
+    p.add_argument("--dataset", required=True, help="s3://bucket/prefix of the dataset's shards")
+    p.set_defaults(func=cmd_classifier)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ganforge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=".ganforge", help="local stack state/log/data folder")
@@ -128,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", choices=["biggan", "stylegan2"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
+    add_registry_commands(sub)
+    add_sweep_commands(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,18 @@ class DataConfig:
     shuffle_buffer: int = 512  # samples shuffled across shard boundaries
     hflip: bool = True
     seed: int = 0
+    cache_dir: str = ""  # local folder keeping verified shards for later epochs; empty = stream every epoch from S3
+    cache_gb: float = 20.0  # size cap of cache_dir (least recently used shards are evicted)
 
     def __post_init__(self):
         _check(self.dataset.startswith("s3://"), "data.dataset", self.dataset, "an s3://bucket/prefix URI")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer ≥ 1")
         _check(self.num_threads >= 1, "data.num_threads", self.num_threads, "an integer ≥ 1")
         _check(self.prefetch >= 1, "data.prefetch", self.prefetch, "an integer ≥ 1")
+        _check(self.cache_gb > 0, "data.cache_gb", self.cache_gb, "a size in GB > 0")
+
+
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")  # Ray placement-group strategies
 
 
 @dataclass
@@ -47,6 +53,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node) | STRICT_PACK
     steps: int = 1000  # real batches per worker
     tick_steps: int = 20  # steps between metric reports
     sample_ticks: int = 5  # ticks between sample grids
@@ -57,21 +64,34 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
     grid_size: int = 8  # the sample grid is grid_size × grid_size
+    metric: str = "fid"  # `fid` (Inception) or `fd_<extractor>` (a registered domain extractor, e.g. fd_classifier)
+    metric_kimg: float = 0.0  # evaluate each time progress/kimg crosses a multiple of this, and at the end; 0 = off
+    metric_n: int = 2000  # generated samples per evaluation (split across workers)
+    metric_ref_n: int = 10000  # real samples for the reference statistics (capped at the dataset size)
 
     def __post_init__(self):
         _check(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", self.use_gpu, "auto, true or false")
         _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer ≥ 1")
+        _check(self.placement_strategy in PLACEMENTS, "train.placement_strategy", self.placement_strategy,
+               " | ".join(PLACEMENTS))  # fmt: skip
         _check(self.steps >= 1, "train.steps", self.steps, "an integer ≥ 1")
         _check(self.tick_steps >= 1, "train.tick_steps", self.tick_steps, "an integer ≥ 1")
         _check(self.checkpoint_ticks >= 1, "train.checkpoint_ticks", self.checkpoint_ticks, "an integer ≥ 1")
         _check(self.sample_ticks >= 1, "train.sample_ticks", self.sample_ticks, "an integer ≥ 1")
         _check(self.storage_path.startswith("s3://"), "train.storage_path", self.storage_path, "an s3:// URI")
+        _check(self.metric_kimg >= 0, "train.metric_kimg", self.metric_kimg, "a number ≥ 0 (0 = off)")
+        _check(self.metric_n >= 2, "train.metric_n", self.metric_n, "an integer ≥ 2")
+        _check(self.metric_ref_n >= 2, "train.metric_ref_n", self.metric_ref_n, "an integer ≥ 2")
+        valid = known_metrics()
+        _check(self.metric in valid, "train.metric", self.metric, " or ".join(valid))
 
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
     experiment: str = ""  # empty = the model name
+    register: bool = True  # register G_ema in the MLflow model registry at the end of the run
+    model_name: str = ""  # registered model name; empty = the model kind (e.g. "biggan")
 
 
 @dataclass
@@ -231,6 +251,14 @@ def _coerce(value: Any, tp, key: str) -> Any:
         items = [_coerce(v, item_type, key) for v in seq]
         return tuple(items) if origin is tuple else items
     return value
+
+
+def known_metrics() -> list[str]:
+    """`fid` plus `fd_<name>` for every registered domain feature extractor (DESIGN.md §5 naming)."""
+    from orchestrator.metrics import classifier, features  # classifier registers the `classifier` extractor
+
+    del classifier
+    return sorted(features.metric_name(n) for n in features._FACTORIES)
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:

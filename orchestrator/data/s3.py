@@ -185,3 +185,25 @@ def register_webdataset_opener(env: Env | None = None) -> None:
         return ObjectStream(bucket, key, env=env)
 
     gopen_module.gopen_schemes["s3"] = open_s3
+
+
+class S3BytesStore:
+    """A tiny get/put byte store on ``s3://bucket/prefix/`` (e.g. the reference-statistics cache of
+    ``orchestrator.metrics.fid.cached_reference_stats``). ``get`` returns None for a missing key."""
+
+    def __init__(self, bucket: str, prefix: str = "", env: Env | None = None) -> None:
+        self.bucket, self.prefix, self.env = bucket, prefix.strip("/"), env
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return client(self.env).get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def put(self, key: str, data: bytes) -> None:
+        client(self.env).put_object(Bucket=self.bucket, Key=self._key(key), Body=data)  # S3 PUTs are atomic

@@ -1,7 +1,8 @@
 """The per-worker training loop that Ray Train runs on every rank. It reads top to bottom:
 
-    restore (or init) → for each real batch: recipe.train_step → every tick: report metrics,
-    sample grid (rank 0), full checkpoint every K ticks → final checkpoint.
+    restore (or init) → for each real batch: recipe.train_step → every tick: the quality metric when due
+    (every metric_kimg), report metrics, sample grid (rank 0), full checkpoint every K ticks and at every
+    evaluation → final checkpoint.
 
 It knows the GAN only through the Recipe interface and the data only through ShardLoader.
 """
@@ -9,13 +10,16 @@ It knows the GAN only through the Recipe interface and the data only through Sha
 from __future__ import annotations
 
 import logging
+import math
 import random
 import tempfile
 import time
 from collections import defaultdict
+from datetime import datetime
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -26,7 +30,7 @@ from orchestrator.data.loader import ShardLoader
 from orchestrator.env import Env
 from orchestrator.tracking.images import image_grid
 from orchestrator.train import checkpoint as ckpt
-from orchestrator.train import ddp
+from orchestrator.train import ddp, evaluation
 
 
 def seed_all(seed: int) -> None:
@@ -64,6 +68,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loader = ShardLoader(cfg.data, rank=rank, world_size=world, device=device, env=Env.from_environ())
 
     step, tick = 0, 0
+    metric = cfg.train.metric
+    # last/best value of the quality metric and where the best checkpoint is; +inf until the first evaluation
+    quality: dict[str, Any] = {"last": math.inf, "best": math.inf, "best_checkpoint": None}
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
@@ -71,6 +78,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             mine = ckpt.load_rank(d, rank)
         recipe.load_state_dict(shared["recipe"])
         step, tick = shared["step"], shared["tick"]
+        quality.update(shared.get("quality", {}))
         if mine is not None:  # same world size: continue this rank's streams exactly
             ckpt.set_rng_state(mine["rng"])
             loader.load_state_dict(mine["loader"])
@@ -84,8 +92,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         from orchestrator.tracking.mlflow import BackgroundLogger
 
         logger = BackgroundLogger(loop_config["mlflow_run_id"], loop_config["mlflow_uri"])
+    evaluator = None
+    if cfg.train.metric_kimg > 0:
+        evaluator = evaluation.Evaluator(cfg, recipe, rank=rank, world=world, device=device, env=loader.env,
+                                         manifest=loader.manifest, manifest_hash=loop_config.get("manifest_hash")
+                                         or "unknown")  # fmt: skip
     grid_z, grid_c = fixed_latents(recipe, cfg, device)
     global_batch = cfg.data.batch_size * world
+    prev_kimg = step * global_batch / 1000.0
 
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -113,30 +127,61 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "progress/kimg": step * global_batch / 1000.0,
             "data/skipped": float(loader.skipped),
         })  # fmt: skip
+        last = step >= cfg.train.steps
+        kimg = metrics["progress/kimg"]
+        evaluated = evaluator is not None and evaluation.due(prev_kimg, kimg, cfg.train.metric_kimg, last)
+        prev_kimg = kimg
+        ckpt_name = None  # Ray's default name (a timestamp); chosen here when the path must be known in advance
+        if evaluated:
+            value = evaluator.evaluate()  # collective: every rank, same value
+            improved = value < quality["best"]
+            ckpt_name = f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"  # Ray uses rank 0's name
+            quality["last"] = value
+            if improved:
+                quality.update(best=value, best_checkpoint=f"{loop_config.get('storage_uri', '')}/{ckpt_name}")
+        if evaluator:
+            # Schedulers (ASHA) need the metric in every result: carry the last value (+inf before the first one).
+            # Checkpoints are scored by checkpoint/<metric>: the value of exactly these weights, +inf if unmeasured.
+            metrics.update({metric: quality["last"], f"best/{metric}": quality["best"],
+                            f"checkpoint/{metric}": quality["last"] if evaluated else math.inf})  # fmt: skip
         if rank == 0:  # Ray forwards worker stdout to the driver: the user's progress line
             eta = (cfg.train.steps - step) * elapsed / tick_steps
             losses = "  ".join(f"{k} {v:7.4f}" for k, v in sorted(metrics.items()) if k.startswith("loss/"))
+            score = f"  {metric} {quality['last']:8.3f} ({evaluator.last_seconds:.1f} s)" if evaluated else ""
             print(f"step {step:>6}/{cfg.train.steps}  kimg {metrics['progress/kimg']:7.2f}  {losses}  "
-                  f"{img_per_s:6.0f} img/s  eta {eta / 60:5.1f} min", flush=True)  # fmt: skip
+                  f"{img_per_s:6.0f} img/s  eta {eta / 60:5.1f} min{score}", flush=True)  # fmt: skip
         if logger:
-            logger.log_metrics(metrics, step=step)
-            if tick % cfg.train.sample_ticks == 0 or step >= cfg.train.steps:
+            carried = (metric, f"best/{metric}", f"checkpoint/{metric}") if evaluator else ()
+            logger.log_metrics({k: v for k, v in metrics.items() if k not in carried}, step=step)
+            if evaluated:  # MLflow gets one point per evaluation, not the carried copies
+                logger.log_metrics({metric: quality["last"], f"best/{metric}": quality["best"],
+                                    "perf/eval_s": evaluator.last_seconds}, step=step)  # fmt: skip
+                if improved:
+                    logger.set_tag("best_checkpoint", quality["best_checkpoint"])
+                logger.set_tag(f"{metric}.reference", "cached in S3" if evaluator.ref_cached
+                               else f"computed in {evaluator.ref_seconds:.1f} s")  # fmt: skip
+            if tick % cfg.train.sample_ticks == 0 or step >= cfg.train.steps or evaluated:
                 grid = image_grid(recipe.sample(grid_z, grid_c), nrow=cfg.train.grid_size, scale=2)
                 logger.log_image(grid, f"samples/grid_{step:07d}.png")
+            if evaluated:  # a scheduler may stop the trial at this report: send the evaluation first (bounded wait)
+                logger.flush(timeout=5)
 
-        last = step >= cfg.train.steps
-        if tick % cfg.train.checkpoint_ticks == 0 or last:
+        if tick % cfg.train.checkpoint_ticks == 0 or last or evaluated:
             with tempfile.TemporaryDirectory() as d:
                 shared = meta = None
                 if rank == 0:
-                    shared = {"recipe": recipe.state_dict(), "step": step, "tick": tick, "config": cfg.to_dict()}
+                    shared = {"recipe": recipe.state_dict(), "step": step, "tick": tick, "config": cfg.to_dict(),
+                              "quality": quality}  # fmt: skip
                     meta = {"step": step, "tick": tick, "kimg": metrics["progress/kimg"], "world_size": world,
                             "git_sha": loop_config.get("git_sha", "unknown"),
                             "manifest_hash": loop_config.get("manifest_hash")}  # fmt: skip
                 rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "shards": list(loader.shards),
-                              "fingerprint": ddp.assert_in_sync(replicas)}  # fmt: skip
+                              "fingerprint": ddp.assert_in_sync(replicas),
+                              "node_id": ray.get_runtime_context().get_node_id()}  # fmt: skip
                 ckpt.save(d, rank=rank, rank_state=rank_state, shared=shared, meta=meta)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                ray.train.report(
+                    metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=ckpt_name
+                )
         else:
             ray.train.report(metrics)
         sums.clear()

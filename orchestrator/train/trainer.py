@@ -74,6 +74,11 @@ def connect_ray(cfg: JobConfig, env: Env) -> None:
         os.environ.pop("RAY_ADDRESS")
         address = ""
     runtime_env = {"env_vars": {**env.worker_environ(), **RAY_LOCAL_ENV}}
+    if address and address != "auto":
+        # Ray Train's detached PlacementGroupCleaner asks the state API whether a (killed) controller is alive; with
+        # several Ray instances on one host that API cannot pick one unless RAY_ADDRESS names it, and the cleaner
+        # dies without freeing the CPUs — a Tune trial stopped by ASHA would then hold its workers' CPUs forever.
+        runtime_env["env_vars"]["RAY_ADDRESS"] = address
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -95,15 +100,60 @@ def preflight(cfg: JobConfig, env: Env) -> dict:
         from orchestrator.tracking.mlflow import check_server
 
         check_server(env.mlflow_uri)
+    if cfg.train.metric_kimg > 0 and cfg.train.metric == "fd_classifier":
+        from orchestrator.metrics.classifier import ensure_classifier
+
+        ensure_classifier(cfg.data.dataset, env)  # trained once here (driver), so workers only load it
     return manifest
 
 
-def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None, log=print) -> RunOutcome:
+def make_trainer(cfg: JobConfig, env: Env, *, mlflow_run_id: str | None, manifest_hash: str, sha: str,
+                 callbacks: list | None = None):  # fmt: skip
+    """The Ray Train TorchTrainer for one run of ``cfg`` (``fit`` and every Tune trial build theirs here)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.data.shards import manifest_hash
     from orchestrator.train.loop import train_loop
+
+    use_gpu = resolve_use_gpu(cfg.train.use_gpu)
+    storage_path, filesystem = storage(cfg, env)
+    # With the quality metric on, retention keeps the num_to_keep best checkpoints by checkpoint/<metric> (the value
+    # measured on exactly those weights; +inf for unmeasured ones); Ray always keeps the latest one too, for resume.
+    score = f"checkpoint/{cfg.train.metric}" if cfg.train.metric_kimg > 0 else None
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job": cfg.to_dict(),
+            "mlflow_run_id": mlflow_run_id,
+            "mlflow_uri": env.mlflow_uri,
+            "git_sha": sha,
+            "manifest_hash": manifest_hash,
+            "storage_uri": f"s3://{storage_path}/{cfg.train.name}",
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.train.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=cfg.train.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=score, checkpoint_score_order="min"
+            ),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None, log=print,
+        parent_run_id: str | None = None, callbacks: list | None = None) -> RunOutcome:  # fmt: skip
+    """Pre-flight, MLflow run, TorchTrainer.fit, final artifacts. A Tune trial passes its sweep's ``parent_run_id``
+    (the run becomes a nested child) and ``callbacks=[TuneReportCallback()]``."""
+    from orchestrator.data.shards import manifest_hash
 
     env = env or Env.from_environ()
     t0 = time.monotonic()
@@ -119,33 +169,21 @@ def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None
 
         tags = {"git_sha": sha, "dataset.manifest_hash": data_hash, "dataset.uri": cfg.data.dataset,
                 "model": cfg.model_name, "ganforge.version": _version()}  # fmt: skip
-        run = open_run(env.mlflow_uri, cfg.tracking.experiment or cfg.model_name, name, cfg.flat(), tags)
+        run = open_run(
+            env.mlflow_uri,
+            cfg.tracking.experiment or cfg.model_name,
+            name,
+            cfg.flat(),
+            tags,
+            parent_run_id=parent_run_id,
+        )
         log(f"MLflow run: {run.url}")
 
     connect_ray(cfg, env)
     use_gpu = resolve_use_gpu(cfg.train.use_gpu)
-    storage_path, filesystem = storage(cfg, env)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "job": cfg.to_dict(),
-            "mlflow_run_id": run.run_id if run else None,
-            "mlflow_uri": env.mlflow_uri,
-            "git_sha": sha,
-            "manifest_hash": data_hash,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        ),
+    storage_path, _ = storage(cfg, env)
+    trainer = make_trainer(
+        cfg, env, mlflow_run_id=run.run_id if run else None, manifest_hash=data_hash, sha=sha, callbacks=callbacks
     )
     log(f"training {cfg.model_name} on {cfg.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
         f"checkpoints → s3://{storage_path}/{name}")  # fmt: skip
@@ -167,7 +205,16 @@ def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None
         grid_path = str(out / "samples_final.png")
         final_grid(local_ckpt, grid_path)
         if run:
+            best = result.get_best_checkpoint(f"checkpoint/{cfg.train.metric}", "min") \
+                if cfg.train.metric_kimg > 0 and result.best_checkpoints else None  # fmt: skip
+            if best is not None:
+                from mlflow import MlflowClient
+
+                MlflowClient(run.tracking_uri).set_tag(run.run_id, "best_checkpoint", f"s3://{best.path}")
             _log_final(run, local_ckpt, grid_path, checkpoint_uri)
+            # --- model registry: G_ema as a new version of the registered model (orchestrator/tracking/registry.py)
+            if cfg.tracking.register:
+                _register(cfg, run, local_ckpt, log)
     return RunOutcome(name, checkpoint_uri, local_ckpt, run.url if run else None, grid_path,
                       dict(result.metrics or {}), time.monotonic() - t0)  # fmt: skip
 
@@ -205,6 +252,18 @@ def _log_final(run, local_ckpt: str, grid_path: str, checkpoint_uri: str | None)
     if checkpoint_uri:
         client.set_tag(run.run_id, "checkpoint_uri", checkpoint_uri)
     client.set_terminated(run.run_id, "FINISHED")
+
+
+def _register(cfg: JobConfig, run, local_ckpt: str, log) -> None:
+    """A failed registration does not fail the finished run: say so in one line, with the command to retry."""
+    from orchestrator.tracking.registry import register_run
+
+    try:
+        register_run(run.run_id, model_name=cfg.tracking.model_name or cfg.model_name,
+                     tracking_uri=run.tracking_uri, checkpoint_dir=local_ckpt, log=log)  # fmt: skip
+    except Exception as e:
+        log(f"model registry: not registered ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"retry with `ganforge models register {run.run_id}`")  # fmt: skip
 
 
 def _version() -> str:
