@@ -3,20 +3,25 @@
 Run with ``make bench-models`` (not collected by pytest). For every model/config one fixed real batch goes through
 
 * **recipe** — what training runs: ``recipe.setup(device, wrap, amp=True)`` (bf16 autocast + channels_last on CUDA,
-  fp32 on CPU; ``--compile`` makes ``wrap`` = ``torch.compile``, with StyleGAN2's regularised steps left uncompiled
-  because compiled modules cannot double-backward) and ``recipe.train_step``, with every phase the
-  recipe has (StyleGAN2: Gmain, lazy path-length, Dmain, lazy R1, EMA, style mixing; BigGAN: D step, G step, EMA).
-  Lazy regularisers are amortised exactly: the step is timed with none / path length / both due (the recipe's step
-  counter decides) and weighted by their intervals, so ``step_s`` is the mean cost of a step over a full cycle.
+  fp32 + channels_last on CPU; ``--compile`` wraps G and D in ``torch.compile`` as ``wrap`` would, leaving
+  StyleGAN2's regularised steps uncompiled because compiled modules cannot double-backward) and
+  ``recipe.train_step`` with every phase the recipe has (StyleGAN2: Gmain with D frozen, lazy path length, Dmain,
+  lazy R1, style mixing, EMA; BigGAN: D step, G step with D frozen, EMA). Lazy regularisers are amortised exactly:
+  the step is timed with none / path length / both due (the recipe's step counter decides) and weighted by their
+  intervals, so ``step_s`` is the mean cost of a step over a full cycle.
 * **eager** — the same G and D (same initial weights) in a minimal hand-written step: one D step (logistic or hinge
-  on a real and a no-grad fake batch) and one G step, plain ``torch.optim.Adam``, fp32, contiguous memory, StyleGAN2's
-  unfused modulated conv, no regularisers, no EMA — the floor a plain implementation pays for the same networks.
+  on a real and a no-grad fake batch) and one G step (which, written plainly, also computes D's unused weight
+  gradients), plain ``torch.optim.Adam``, fp32, contiguous NCHW, StyleGAN2's unfused modulated conv, no
+  regularisers, no EMA — what a plain implementation pays for the same networks.
 
-The two alternate (warm-up, then repeats, median) so machine noise hits both alike. Reported per config: step time,
-img/s, speedup (eager / recipe), peak memory (CUDA: ``torch.cuda.max_memory_allocated`` during the step; CPU: peak
-RSS above the pre-step RSS, sampled every 5 ms with psutil), analytic FLOPs per step (``torch.utils.flop_counter``:
-every conv/matmul in forward and backward, from shapes), achieved TFLOP/s, and on CUDA s/kimg and MFU against
-``--peak-tflops`` (H100 SXM dense bf16: 989). Results: ``tests/benchmarks/results/models.json``.
+The paths alternate (warm-up, then repeats, median) so machine noise hits both alike. Reported per config: step time
+and img/s (wall), process CPU time per step (steadier than wall on a shared machine), ``speedup`` (eager / recipe)
+and ``speedup_unregularised`` (eager / the recipe's step with no regulariser due: same work on both sides), peak
+memory (CUDA: ``torch.cuda.max_memory_allocated`` during the step; CPU: peak RSS growth over one untimed step after
+glibc ``malloc_trim``, psutil sampling every 5 ms), analytic FLOPs per step (the formulas of
+``torch.utils.flop_counter`` for every convolution and matmul dispatched, forward and backward), achieved TFLOP/s,
+and on CUDA s/kimg and MFU against ``--peak-tflops`` (H100 SXM dense bf16: 989) plus the issue's targets. CPU runs
+use 1 thread by default (a demo worker's ``cpus_per_worker``). Results: ``tests/benchmarks/results/models.json``.
 """
 
 from __future__ import annotations
@@ -277,8 +282,7 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
     torch.manual_seed(0)
     recipe = gan_models.make_recipe(model, cfg, hp)
     eager = EagerStep(model, recipe, device)  # before any step: identical starting weights
-    wrap = torch.compile if args.compile else (lambda m: m)
-    recipe.setup(device, wrap, amp=True)
+    recipe.setup(device, lambda m: m, amp=True)
     res = cfg.resolution
     images = torch.rand(n, 3, res, res, device=device) * 2 - 1  # a fixed batch; the loader's cost is not measured
     labels = torch.randint(max(recipe.c_dim, 1), (n,), device=device)
@@ -289,11 +293,14 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
         eager_modules = args.compile and model == "stylegan2" and label != "none"  # a regulariser is due
         paths[label] = lambda step=step, e=eager_modules: run_recipe_phase(model, recipe, step, images, labels, e)
 
-    # Analytic FLOPs (uncompiled maths; the counter sees aten convolutions and matmuls, forward and backward).
-    flops = {k: flops_of(fn) for k, fn in paths.items()} if not args.compile else {}
+    # Analytic FLOPs, counted on the uncompiled modules (the counter sees aten convolutions and matmuls, forward and
+    # backward); then --compile wraps them as setup(device, wrap=torch.compile) would.
+    flops = {k: flops_of(fn) for k, fn in paths.items()}
+    if args.compile:
+        recipe.G_train, recipe.D_train = torch.compile(recipe.G), torch.compile(recipe.D)
 
     t_start = time.perf_counter()
-    for _ in range(args.warmup - (1 if flops else 0)):  # the FLOP-counting pass was a warm-up run already
+    for _ in range(args.warmup):  # after the FLOP-counting pass, which runs under a dispatch mode
         for fn in paths.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in paths}
@@ -390,7 +397,7 @@ def main() -> None:
                     help="torch CPU threads (default 1: a demo worker's cpus_per_worker; on a shared 2-core machine "
                          "2 threads mostly measure the neighbours)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="torch.compile G and D (the recipe's wrap)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed runs of each path (the FLOP count is one)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each path before timing")
     ap.add_argument("--repeats", type=int, default=7, help="at most this many timed repeats per path")
     ap.add_argument("--min-repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=60.0, help="stop repeating a config after this long")
@@ -426,7 +433,7 @@ def main() -> None:
     for col in ("model/config", "batch", "step s", "img/s", "eager s", "eager img/s", "speedup", "unreg. speedup",
                 "peak MB",
                 "eager MB", "GFLOP/step", "TFLOP/s"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "model/config" else "right")
+        table.add_column(col, justify="left" if col == "model/config" else "right", no_wrap=col == "model/config")
     if not cuda:
         for col in ("CPU s", "eager CPU s", "CPU speedup"):
             table.add_column(col, justify="right")
