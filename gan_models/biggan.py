@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_models import layers
-from gan_models.ema import make_ema, update_ema
+from gan_models.ema import frozen, make_ema, update_ema
 from gan_models.losses import get_loss
 from orchestrator.train.recipe import Wrap
 
@@ -308,19 +308,6 @@ def build(cfg: Config) -> tuple[Generator, Discriminator]:
     return Generator(cfg), Discriminator(cfg)
 
 
-@contextlib.contextmanager
-def _frozen(module: nn.Module):
-    """Parameters of ``module`` do not require grad inside the block (gradients still flow through its inputs)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 class Recipe:
     """BigGAN training: hinge loss, ``n_d`` D steps per G step, Adam(β1=0), G EMA with a start step, optional
     orthogonal regularisation, truncated-normal z at sampling. Call ``setup`` before ``load_state_dict``.
@@ -394,7 +381,7 @@ class Recipe:
         # D is frozen for the G step: backward computes only the gradient through D into G, never D's own weight
         # gradients, and under DDP nothing of D is all-reduced.
         no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
-        with no_sync(), _frozen(self.D):
+        with no_sync(), frozen(self.D):
             with self._autocast():
                 loss_g = self.g_loss(self.D_train(self.G_train(z, y), y).float())
             self.opt_G.zero_grad(set_to_none=True)

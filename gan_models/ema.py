@@ -1,7 +1,8 @@
-"""Exponential moving average of generator weights."""
+"""Generator weight averaging (EMA) and the parameter freezing the training phases share."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -30,3 +31,17 @@ def halflife_decay(batch_size: int, halflife_kimg: float, rampup: float | None, 
     if rampup is not None:
         halflife_nimg = min(halflife_nimg, cur_nimg * rampup)
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of ``module`` do not require grad inside the block (gradients still flow through its inputs):
+    the G phase's D forward skips D's weight gradients, as NVlabs does."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -483,19 +483,6 @@ def num_params(module: nn.Module) -> int:
 # Training recipe
 
 
-@contextlib.contextmanager
-def _frozen(module: nn.Module):
-    """Parameters of ``module`` do not require grad inside the block (gradients still flow through its inputs)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -599,7 +586,7 @@ class Recipe:
         self.opt_G.zero_grad(set_to_none=True)
         fake = self._run_G(torch.randn(n, self.z_dim, device=self.device), c)
         no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
-        with no_sync(), _frozen(self.D):
+        with no_sync(), ema.frozen(self.D):
             fake_logits = self._run_D(fake, c)
             loss_G = losses.logistic_ns_g(fake_logits)
             loss_G.backward()
