@@ -180,13 +180,13 @@ def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None
         log(f"MLflow run: {run.url}")
 
     connect_ray(cfg, env)
-    use_gpu = resolve_use_gpu(cfg.train.use_gpu)
-    storage_path, _ = storage(cfg, env)
     trainer = make_trainer(
         cfg, env, mlflow_run_id=run.run_id if run else None, manifest_hash=data_hash, sha=sha, callbacks=callbacks
     )
-    log(f"training {cfg.model_name} on {cfg.train.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}, "
-        f"checkpoints → s3://{storage_path}/{name}")  # fmt: skip
+    # the device and storage make_trainer resolved, not a second resolution that could disagree
+    device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
+    log(f"training {cfg.model_name} on {cfg.train.num_workers} worker(s), {device}, "
+        f"checkpoints → s3://{trainer.run_config.storage_path}/{name}")  # fmt: skip
     try:
         result = trainer.fit()
     except Exception:
