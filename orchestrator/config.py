@@ -1,7 +1,8 @@
 """Typed job configuration: one source of defaults, YAML files, ``key=value`` overrides, validation.
 
-A job config has five sections. ``model`` and ``hparams`` are the model's own dataclasses from ``gan_models`` (so the
-paper defaults live beside the architecture); ``data``, ``train`` and ``tracking`` are defined here. Sections are
+A job config has six sections. ``model`` and ``hparams`` are the model's own dataclasses from ``gan_models`` (so the
+paper defaults live beside the architecture); ``data``, ``train`` and ``tracking`` are defined here, ``health`` (the
+divergence guard's thresholds) in ``orchestrator.train.health``. Sections are
 built from plain dicts *after* all overrides are merged, so a model's resolution-dependent defaults are derived from
 the final values. Secrets never enter a config: they come from the environment (``orchestrator.env``).
 """
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 import gan_models
+from orchestrator.train.health import HealthConfig
 
 
 class ConfigError(ValueError):
@@ -44,13 +46,17 @@ class DataConfig:
         _check(self.cache_gb > 0, "data.cache_gb", self.cache_gb, "a size in GB > 0")
 
 
+ELASTIC_RULES = ("keep_batch", "rescale")  # see orchestrator/train/elastic.py
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")  # Ray placement-group strategies
 
 
 @dataclass
 class TrainConfig:
     name: str = ""  # run name; empty = <model>-<timestamp>. Re-using a name resumes that run.
-    num_workers: int = 2
+    num_workers: int = 2  # workers (one per GPU); with min_workers > 0 the most Ray may give the run
+    min_workers: int = 0  # > 0: elastic, Ray Train runs with anything from min_workers to num_workers workers
+    elastic: str = "keep_batch"  # how a world size other than num_workers is absorbed; see docs/scaling.md
+    accumulate: int = 1  # micro-batches per step: data.batch_size is split in this many forward/backward passes
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node) | STRICT_PACK
@@ -72,6 +78,10 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", self.use_gpu, "auto, true or false")
         _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer ≥ 1")
+        _check(0 <= self.min_workers <= self.num_workers, "train.min_workers", self.min_workers,
+               f"an integer in 0..train.num_workers ({self.num_workers}); 0 = fixed size")  # fmt: skip
+        _check(self.elastic in ELASTIC_RULES, "train.elastic", self.elastic, " or ".join(ELASTIC_RULES))
+        _check(self.accumulate >= 1, "train.accumulate", self.accumulate, "an integer ≥ 1")
         _check(self.placement_strategy in PLACEMENTS, "train.placement_strategy", self.placement_strategy,
                " | ".join(PLACEMENTS))  # fmt: skip
         _check(self.steps >= 1, "train.steps", self.steps, "an integer ≥ 1")
@@ -102,10 +112,11 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def sections(self) -> dict[str, Any]:
         return {"model": self.model, "hparams": self.hparams, "data": self.data, "train": self.train,
-                "tracking": self.tracking}  # fmt: skip
+                "tracking": self.tracking, "health": self.health}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_name": self.model_name, **{k: dataclasses.asdict(v) for k, v in self.sections().items()}}
@@ -123,7 +134,7 @@ class JobConfig:
         return build_config(d["model_name"], overrides=[], base=d)
 
 
-SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig}
+SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "tracking": TrackingConfig, "health": HealthConfig}
 
 
 def build_config(

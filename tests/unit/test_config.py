@@ -34,7 +34,7 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.stepz=1"], "unknown config key 'train.stepz'; valid train keys: amp,"),
+        (["train.stepz=1"], "unknown config key 'train.stepz'; valid train keys: accumulate, amp,"),
         (["nosection.x=1"], "unknown config key 'nosection.x'"),
         (["train.steps"], "is not key=value"),
         (["train.steps=abc"], "train.steps='abc' is not an integer"),
