@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan_models import layers
+from gan_models import layers, losses
 from gan_models.ema import frozen, make_ema, update_ema
 from gan_models.losses import get_loss
+from gan_models.steps import LrScale, guarded_step, micro_batches, sync_if
 from orchestrator.train.recipe import Wrap
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
@@ -157,7 +159,9 @@ class HParams:
     betas: tuple[float, float] = (0.0, 0.999)
     adam_eps: float = 1e-6
     n_d: int = 1  # D steps per G step
-    loss: str = "hinge"
+    loss: str = "hinge"  # hinge | logistic (non-saturating) | wgan (with a gradient penalty)
+    gp_weight: float | None = None  # WGAN-GP λ on random interpolates; None = 10 for loss "wgan", else 0
+    r1_gamma: float = 0.0  # R1 weight γ on real images (γ/2·E‖∇D(x)‖²), every D step; 0 = off
     ema_decay: float = 0.9999
     ema_start: int = 20000  # G steps before which G_ema just copies G
     g_ortho: float = 0.0  # off-diagonal ortho reg strength on G (not its shared embedding)
@@ -173,6 +177,20 @@ class HParams:
         for k in ("g_lr", "d_lr"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k} {getattr(self, k)} not supported; valid: > 0")
+        if self.gp_weight is not None and self.gp_weight < 0:
+            raise ValueError(f"gp_weight {self.gp_weight} not supported; valid: ≥ 0, or null for the loss's default")
+        if self.r1_gamma < 0:
+            raise ValueError(f"r1_gamma {self.r1_gamma} not supported; valid: ≥ 0")
+
+    def for_batch_ratio(self, ratio: float) -> HParams:
+        """These hyper-parameters for a global batch ``ratio`` × the one they were set for (elastic runs): Adam lrs
+        × √ratio, R1 γ ÷ ratio; the per-step EMA decay stays (its half-life in steps is unchanged)."""
+        root = math.sqrt(ratio)
+        return dataclasses.replace(self, g_lr=self.g_lr * root, d_lr=self.d_lr * root, r1_gamma=self.r1_gamma / ratio)
+
+    @property
+    def resolved_gp_weight(self) -> float:
+        return losses.default_gp_weight(self.loss) if self.gp_weight is None else self.gp_weight
 
     @classmethod
     def preset(cls, name: str, **overrides) -> HParams:
@@ -309,9 +327,15 @@ def build(cfg: Config) -> tuple[Generator, Discriminator]:
 
 
 class Recipe:
-    """BigGAN training: hinge loss, ``n_d`` D steps per G step, Adam(β1=0), G EMA with a start step, optional
-    orthogonal regularisation, truncated-normal z at sampling. Call ``setup`` before ``load_state_dict``.
-    Randomness (z, fake classes) comes from torch's global RNG, which the loop seeds per rank."""
+    """BigGAN training: hinge loss (or logistic / WGAN-GP, plus optional R1), ``n_d`` D steps per G step,
+    Adam(β1=0), G EMA with a start step, optional orthogonal regularisation, truncated-normal z at sampling.
+    Call ``setup`` before ``load_state_dict``. Randomness (z, fake classes) comes from torch's global RNG, which the
+    loop seeds per rank.
+
+    Gradient accumulation (``setup(accumulate=k)``): the D update equals the full batch's (fakes are drawn in one
+    no-grad pass, so G's BN sees the whole batch; spectral norm takes one power iteration per step). In the G update
+    G's batch norm sees micro-batch statistics, as BigGAN-PyTorch's ``--num_G_accumulations`` does.
+    """
 
     def __init__(self, cfg: Config, hparams: HParams):
         self.cfg, self.hp = cfg, hparams
@@ -320,8 +344,10 @@ class Recipe:
         self.d_loss, self.g_loss = get_loss(hparams.loss)
         self.d_steps = self.g_steps = 0
         self.last_g_loss = float("nan")  # no G step yet
+        self.last_g_norm = float("nan")
 
-    def setup(self, device: torch.device, wrap: Wrap, *, amp: bool = False) -> None:
+    def setup(self, device: torch.device, wrap: Wrap, *, amp: bool = False, accumulate: int = 1,
+              compile: bool = False) -> None:  # fmt: skip
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         # channels_last on CUDA and CPU alike (oneDNN's convolutions: G+D step 10-25% faster on CPU than NCHW).
@@ -329,12 +355,24 @@ class Recipe:
         self.D.to(self.device, memory_format=torch.channels_last)
         # bf16 has fp32's range, so no GradScaler is needed; AMP is CUDA-only (CPU autocast is slower here).
         self.amp = amp and cuda
-        self.G_train, self.D_train = wrap(self.G), wrap(self.D)
+        self.accumulate = int(accumulate)
+        self.G_train, self.D_eager = wrap(self.G), wrap(self.D)
+        # Penalties double-backward through D, which compiled graphs cannot: they use the eager twin.
+        self.D_train = torch.compile(self.D_eager) if compile else self.D_eager
+        if compile:
+            self.G_train = torch.compile(self.G_train)
         self.G_ema = make_ema(self.G)  # after wrap: DDP has broadcast rank 0's weights into G
         adam = lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr, betas=self.hp.betas, eps=self.hp.adam_eps)  # noqa: E731
         self.opt_G, self.opt_D = adam(self.G, self.hp.g_lr), adam(self.D, self.hp.d_lr)
+        self.lr_scale = LrScale(self.opt_G, self.opt_D)
         self._g_ortho_params = layers.raw_weights(self.G, skip=self.G.shared.parameters() if self.G.shared else ())
         self._d_ortho_params = layers.raw_weights(self.D)
+
+    def base_lrs(self) -> dict[str, float]:
+        return {"G": self.hp.g_lr, "D": self.hp.d_lr}
+
+    def set_lr_scale(self, scale: float) -> None:
+        self.lr_scale.set(scale)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
@@ -344,55 +382,98 @@ class Recipe:
         y = torch.randint(self.cfg.n_classes, (n,), device=self.device)
         return z, y
 
+    def _split(self, n: int) -> list[torch.Tensor]:
+        return [i.to(self.device) for i in micro_batches(n, self.accumulate)]
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         self.G.train()
         self.D.train()
         n = images.shape[0]
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         images = images.contiguous(memory_format=torch.channels_last)
+        gp_weight, r1_gamma = self.hp.resolved_gp_weight, self.hp.r1_gamma
 
-        # D: real and fake in one forward, so DDP and the SN power iteration see one forward per backward.
+        # Fakes for the whole batch in one no-grad pass: G's BN statistics are the batch's whatever the split.
         z, y = self._fake_inputs(n)
-        with self._autocast():
-            with torch.no_grad():
-                fake = self.G(z, y)
-            logits = self.D_train(torch.cat([images, fake.to(images.dtype)]), torch.cat([labels, y])).float()
-            real_logits, fake_logits = logits[:n], logits[n:]
-            loss_d = self.d_loss(real_logits, fake_logits)
+        with torch.no_grad(), self._autocast():
+            fake = self.G(z, y).to(images.dtype)
         self.opt_D.zero_grad(set_to_none=True)
-        loss_d.backward()
+        parts = self._split(n)
+        alpha = torch.rand(n, 1, 1, 1, device=self.device) if gp_weight else None  # one draw for all micro-batches
+        sums = dict.fromkeys(("loss/D", "D/real", "D/fake", "health/D_sign_acc", "loss/gp", "loss/r1"), 0.0)
+        for i, idx in enumerate(parts):
+            last = i == len(parts) - 1
+            # Real and fake in one forward, so DDP and the SN power iteration see one forward per backward; only
+            # the step's first forward advances the power iteration.
+            first_only = layers.power_iteration_off(self.D) if i else contextlib.nullcontext()
+            with first_only, sync_if(self.D_train, last and not (gp_weight or r1_gamma)), self._autocast():
+                logits = self.D_train(torch.cat([images[idx], fake[idx]]), torch.cat([labels[idx], y[idx]])).float()
+                real_logits, fake_logits = logits.chunk(2)
+                loss_d = self.d_loss(real_logits, fake_logits)
+                (loss_d / len(parts)).backward()
+            sums["loss/D"] += float(loss_d.detach())
+            sums["D/real"] += float(real_logits.detach().mean())
+            sums["D/fake"] += float(fake_logits.detach().mean())
+            sums["health/D_sign_acc"] += float(((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
+                                               / 2)  # fmt: skip
+            # Penalties: extra forwards through the eager D, reusing this step's spectral norms.
+            if gp_weight:
+                with layers.power_iteration_off(self.D), sync_if(self.D_eager, last and not r1_gamma):
+                    with self._autocast():
+                        gp = losses.gradient_penalty(lambda x, c: self.D_eager(x, c).float(), images[idx],
+                                                     fake[idx], labels[idx], alpha=alpha[idx])  # fmt: skip
+                    (gp * gp_weight / len(parts)).backward()
+                sums["loss/gp"] += float(gp.detach())
+            if r1_gamma:
+                with layers.power_iteration_off(self.D), sync_if(self.D_eager, last):
+                    real = images[idx].detach().requires_grad_(True)
+                    with self._autocast():
+                        r1 = losses.r1_penalty(real, self.D_eager(real, labels[idx]).float())
+                    (r1 * (r1_gamma / 2) / len(parts)).backward()
+                sums["loss/r1"] += float(r1.detach())
         if self.hp.d_ortho > 0:
             layers.ortho_reg_(self._d_ortho_params, self.hp.d_ortho)
-        self.opt_D.step()
+        d_norm, d_ok = guarded_step(self.opt_D, self.D.parameters())
         self.d_steps += 1
 
-        metrics = {
-            "loss/D": loss_d.item(),
-            "D/real": real_logits.mean().item(),
-            "D/fake": fake_logits.mean().item(),
-        }
+        metrics = {k: v / len(parts) for k, v in sums.items() if k in ("loss/D", "D/real", "D/fake",
+                   "health/D_sign_acc") or (k == "loss/gp" and gp_weight) or (k == "loss/r1" and r1_gamma)}  # fmt: skip
+        metrics["health/grad_norm_D"] = d_norm
+        nonfinite = not d_ok
         if self.d_steps % self.hp.n_d == 0:
-            self._g_step(n)
-            metrics["loss/G"] = self.last_g_loss  # only on steps that ran G: the loop averages per reporting step
+            g_ok = self._g_step(n)
+            nonfinite = nonfinite or not g_ok
+            # only on steps that ran G: the loop averages per reporting step
+            metrics["loss/G"], metrics["health/grad_norm_G"] = self.last_g_loss, self.last_g_norm
+        metrics["health/nonfinite"] = float(nonfinite)
         return metrics
 
-    def _g_step(self, n: int) -> None:
+    def _g_step(self, n: int) -> bool:
         z, y = self._fake_inputs(n)
-        # D is frozen for the G step: backward computes only the gradient through D into G, never D's own weight
-        # gradients, and under DDP nothing of D is all-reduced.
-        no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
-        with no_sync(), frozen(self.D):
-            with self._autocast():
-                loss_g = self.g_loss(self.D_train(self.G_train(z, y), y).float())
-            self.opt_G.zero_grad(set_to_none=True)
-            loss_g.backward()
+        parts = self._split(n)
+        self.opt_G.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, idx in enumerate(parts):
+            first_only = contextlib.ExitStack()
+            if i:  # one power iteration per step in G and D, as without accumulation
+                first_only.enter_context(layers.power_iteration_off(self.G))
+                first_only.enter_context(layers.power_iteration_off(self.D))
+            # D is frozen for the G step: backward computes only the gradient through D into G, never D's own
+            # weight gradients, and under DDP nothing of D is all-reduced.
+            d_no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
+            with first_only, d_no_sync(), frozen(self.D), sync_if(self.G_train, i == len(parts) - 1):
+                with self._autocast():
+                    loss_g = self.g_loss(self.D_train(self.G_train(z[idx], y[idx]), y[idx]).float())
+                (loss_g / len(parts)).backward()
+            total += float(loss_g.detach())
         if self.hp.g_ortho > 0:
             layers.ortho_reg_(self._g_ortho_params, self.hp.g_ortho)
-        self.opt_G.step()
+        self.last_g_norm, ok = guarded_step(self.opt_G, self.G.parameters())
         self.opt_D.zero_grad(set_to_none=True)  # frees the D step's gradients between steps
         self.g_steps += 1
         update_ema(self.G_ema, self.G, self.hp.ema_decay if self.g_steps >= self.hp.ema_start else 0.0)
-        self.last_g_loss = loss_g.item()
+        self.last_g_loss = total / len(parts)
+        return ok
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, c: torch.Tensor | None, truncation: float | None = None) -> torch.Tensor:
@@ -424,6 +505,7 @@ class Recipe:
             "d_steps": self.d_steps,
             "g_steps": self.g_steps,
             "last_g_loss": self.last_g_loss,
+            "lr_scale": self.lr_scale.scale,
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -435,3 +517,5 @@ class Recipe:
         self.opt_D.load_state_dict(state["opt_D"])
         self.d_steps, self.g_steps = state["d_steps"], state["g_steps"]
         self.last_g_loss = state["last_g_loss"]
+        # The optimisers' saved lrs already carry the scale; re-applying it from the base keeps them exact.
+        self.lr_scale.set(state.get("lr_scale", 1.0))

@@ -3,12 +3,13 @@ orthogonal init and orthogonal regularisation (Brock et al. 2019; maths follows 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 
 INITS = ("ortho", "N02", "xavier")
 
@@ -28,6 +29,23 @@ def _sn(module: nn.Module, eps: float, init: str) -> nn.Module:
     # Initialise before registering SN so its power-iteration vectors start from the final weight.
     init_weight_(module.weight, init)
     return spectral_norm(module, n_power_iterations=1, eps=eps)
+
+
+@contextlib.contextmanager
+def power_iteration_off(module: nn.Module):
+    """Spectral-norm layers reuse their current (u, v) inside the block instead of taking a power-iteration step.
+
+    A training forward normally advances (u, v) once; extra forwards of the same step (micro-batches, gradient
+    penalties) must not, so that they see exactly the weights the step's first forward saw.
+    """
+    layers = [m for m in module.modules() if isinstance(m, _SpectralNorm) and m.training]
+    for m in layers:
+        m.training = False
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m.training = True
 
 
 def sn_conv2d(cin: int, cout: int, kernel_size: int = 3, bias: bool = True, eps: float = 1e-6, init: str = "ortho"):

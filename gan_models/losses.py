@@ -89,15 +89,18 @@ def gradient_penalty(
     c: torch.Tensor | None,
     *,
     generator: torch.Generator | None = None,
+    alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """WGAN-GP: E[(‖∇D(x̂)‖₂ − 1)²] on random interpolates x̂ = αx + (1 − α)x̃, α ~ U[0, 1] per sample; unweighted.
 
     ``D(x, c)`` is called on the interpolates (``c`` is passed through, ``None`` for unconditional D). Multiply the
-    result by ``GP_WEIGHT`` (λ = 10), or call ``wgan_gp_penalty``. ``generator`` makes α reproducible.
+    result by ``GP_WEIGHT`` (λ = 10), or call ``wgan_gp_penalty``. ``generator`` makes α reproducible; ``alpha``
+    (N×1×…) gives it outright, e.g. slices of one draw for the whole batch when it is split into micro-batches.
     """
-    shape = (real.shape[0],) + (1,) * (real.ndim - 1)
-    device = generator.device if generator is not None else real.device
-    alpha = torch.rand(shape, generator=generator, device=device, dtype=real.dtype).to(real.device)
+    if alpha is None:
+        shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+        device = generator.device if generator is not None else real.device
+        alpha = torch.rand(shape, generator=generator, device=device, dtype=real.dtype).to(real.device)
     mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(D(mixed, c).sum(), mixed, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).square().mean()
@@ -116,11 +119,26 @@ def wgan_gp_penalty(
     return gradient_penalty(D, real, fake, c, generator=generator) * weight
 
 
+# Each D loss as (term on real logits, term on fake logits), for recipes that score reals and fakes in separate
+# passes (StyleGAN2 keeps minibatch-stddev groups pure that way); the pair sums to the D loss above.
+D_TERMS = {
+    "hinge": (lambda real: F.relu(1.0 - real).mean(), lambda fake: F.relu(1.0 + fake).mean()),
+    "logistic": (lambda real: F.softplus(-real).mean(), lambda fake: F.softplus(fake).mean()),
+    "wgan": (lambda real: -real.mean(), lambda fake: fake.mean()),
+}
+
 LOSSES = {
     "hinge": (hinge_d, hinge_g),
     "logistic": (logistic_d, logistic_ns_g),
     "wgan": (wgan_d, wgan_g),
 }
+
+
+def default_gp_weight(loss: str) -> float:
+    """The gradient-penalty weight a loss needs by default: λ = 10 for ``wgan`` (WGAN-GP; without a Lipschitz
+    constraint the critic's objective is unbounded), 0 for the others."""
+    get_loss(loss)
+    return GP_WEIGHT if loss == "wgan" else 0.0
 
 
 def get_loss(name: str):

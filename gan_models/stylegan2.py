@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_models import augment, ema, losses
+from gan_models.steps import LrScale, guarded_step, micro_batches, sync_if
 from gan_models.stylegan2_ops import (
     Conv2dLayer,
     FullyConnectedLayer,
@@ -96,6 +97,9 @@ class HParams:
     d_lr: float = 0.002
     betas: tuple[float, float] = (0.0, 0.99)
     eps: float = 1e-8
+    loss: str = "logistic"  # logistic (non-saturating, NVlabs) | hinge | wgan (with a gradient penalty)
+    gp_weight: float | None = None  # WGAN-GP λ on random interpolates, every step; None = 10 for "wgan", else 0
+    noise_mode: str = "random"  # noise inputs in training passes; "const" makes a step a function of z alone
     r1_gamma: float | None = None  # None = NVlabs' auto heuristic 0.0002·resolution²/batch (global batch)
     r1_interval: int = 16  # lazy R1: every 16 steps, weighted ×16
     pl_weight: float = 2.0  # 0 disables path-length regularisation
@@ -114,6 +118,11 @@ class HParams:
     diffaugment_policy: str = "color,translation,cutout"
 
     def __post_init__(self):
+        losses.get_loss(self.loss)
+        if self.noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode {self.noise_mode!r} is not valid; valid: {', '.join(NOISE_MODES)}")
+        if self.gp_weight is not None and self.gp_weight < 0:
+            raise ValueError(f"gp_weight {self.gp_weight} not supported; valid: ≥ 0, or null for the loss's default")
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment {self.augment!r} is not valid; valid: {', '.join(AUGMENTS)}")
         for name in ("r1_interval", "pl_interval", "pl_batch_shrink", "ada_interval"):
@@ -126,6 +135,18 @@ class HParams:
         if self.augment == "diffaugment":
             augment.parse_policy(self.diffaugment_policy)
         self.betas = tuple(self.betas)
+
+    def for_batch_ratio(self, ratio: float) -> HParams:
+        """These hyper-parameters for a global batch ``ratio`` × the one they were set for (elastic runs): Adam lrs
+        × √ratio, an explicit R1 γ ÷ ratio (the auto γ follows the batch already), EMA half-life × ratio."""
+        root = math.sqrt(ratio)
+        gamma = None if self.r1_gamma is None else self.r1_gamma / ratio
+        return dataclasses.replace(self, g_lr=self.g_lr * root, d_lr=self.d_lr * root, r1_gamma=gamma,
+                                   ema_kimg=self.ema_kimg * ratio)  # fmt: skip
+
+    @property
+    def resolved_gp_weight(self) -> float:
+        return losses.default_gp_weight(self.loss) if self.gp_weight is None else self.gp_weight
 
     def resolved_r1_gamma(self, resolution: int, batch_size: int) -> float:
         return self.r1_gamma if self.r1_gamma is not None else 0.0002 * resolution**2 / batch_size
@@ -501,11 +522,13 @@ class Recipe:
         self.z_dim, self.c_dim = cfg.z_dim, cfg.c_dim
         self.G_train: nn.Module = self.G
         self.D_train: nn.Module = self.D
+        self.G_eager, self.D_eager = self.G, self.D
         self.device = torch.device("cpu")
         self.amp = False
         self.opt_G: torch.optim.Optimizer | None = None
         self.opt_D: torch.optim.Optimizer | None = None
         self._pending_opt: tuple[dict, dict] | None = None
+        self._pending_lr_scale = 1.0
         self.ada = (
             augment.AdaptiveAugment(self.hp.augment_p, self.hp.ada_target, self.hp.ada_kimg, self.hp.ada_pipe)
             if self.hp.augment == "ada"
@@ -526,21 +549,28 @@ class Recipe:
         betas = tuple(b**mb_ratio for b in self.hp.betas)
         return torch.optim.Adam(params, lr=lr * mb_ratio, betas=betas, eps=self.hp.eps)
 
-    def setup(self, device: torch.device, wrap, *, amp: bool = False) -> None:
+    def setup(self, device: torch.device, wrap, *, amp: bool = False, accumulate: int = 1,
+              compile: bool = False) -> None:  # fmt: skip
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.amp = amp and cuda  # bf16 autocast needs no loss scaling; on CPU we stay in fp32
+        self.accumulate = int(accumulate)
         # channels_last on CUDA and CPU alike (oneDNN on CPU: the demo nets' G and D passes ~20% faster than NCHW).
         for m in (self.G, self.D, self.G_ema):
             m.to(self.device, memory_format=torch.channels_last)
         if self.ada is not None:
             self.ada.to(self.device)
         self.pl_mean = self.pl_mean.to(self.device)
-        self.G_train, self.D_train = wrap(self.G), wrap(self.D)
+        # R1, path length and the gradient penalty double-backward, which compiled graphs cannot: they run on the
+        # eager (DDP-wrapped) twins; the main phases may be compiled.
+        self.G_eager, self.D_eager = wrap(self.G), wrap(self.D)
+        self.G_train = torch.compile(self.G_eager) if compile else self.G_eager
+        self.D_train = torch.compile(self.D_eager) if compile else self.D_eager
         pl_interval = self.hp.pl_interval if self.hp.pl_weight > 0 else None
         r1_interval = self.hp.r1_interval if self.hp.r1_gamma != 0 else None
         self.opt_G = self._adam(self.G.parameters(), self.hp.g_lr, pl_interval)
         self.opt_D = self._adam(self.D.parameters(), self.hp.d_lr, r1_interval)
+        self.lr_scale = LrScale(self.opt_G, self.opt_D)
         if self._pending_opt is not None:  # a checkpoint loaded before setup
             self._load_optimisers()
 
@@ -548,6 +578,13 @@ class Recipe:
         self.opt_G.load_state_dict(self._pending_opt[0])
         self.opt_D.load_state_dict(self._pending_opt[1])
         self._pending_opt = None
+        self.lr_scale.set(self._pending_lr_scale)
+
+    def base_lrs(self) -> dict[str, float]:
+        return {"G": self.hp.g_lr, "D": self.hp.d_lr}
+
+    def set_lr_scale(self, scale: float) -> None:
+        self.lr_scale.set(scale)
 
     def _autocast(self):
         if self.amp:
@@ -561,17 +598,22 @@ class Recipe:
             return augment.diff_augment(images, self.hp.diffaugment_policy)
         return images
 
-    def _run_G(self, z, c, **kwargs):
+    def _run_G(self, z, c, G=None, **kwargs):
         with self._autocast():
-            return self.G_train(z, c, style_mixing_prob=self.hp.style_mixing_prob, **kwargs)
+            return (self.G_train if G is None else G)(z, c, style_mixing_prob=self.hp.style_mixing_prob,
+                                       noise_mode=self.hp.noise_mode, **kwargs)  # fmt: skip
 
-    def _run_D(self, images, c):
+    def _run_D(self, images, c, D=None):
         with self._autocast():
-            return self.D_train(self._augment(images), c).float()
+            return (self.D_train if D is None else D)(self._augment(images), c).float()
 
     # -- one training cycle --------------------------------------------------------------------------------------------
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One cycle on a worker's batch, in ``accumulate`` micro-batches. Micro-batches take whole
+        minibatch-stddev groups and every phase's loss is divided by their count, so with ``noise_mode="const"``,
+        no style mixing and no augmentation the update equals the full batch's (asserted in the tests); path
+        length keeps NVlabs' per-round running mean."""
         if self.opt_G is None:
             raise RuntimeError("call setup(device, wrap) before train_step")
         hp = self.hp
@@ -579,71 +621,107 @@ class Recipe:
         n = images.shape[0]
         c = labels.to(self.device) if self.c_dim > 0 else None
         batch = n * _world_size()
+        parts = [i.to(self.device) for i in micro_batches(n, self.accumulate, self.cfg.mbstd_group_size)]
+        k = len(parts)
+        sub = lambda t, idx: t[idx] if t is not None else None  # noqa: E731
+        d_real_term, d_fake_term = losses.D_TERMS[hp.loss]
+        g_loss = losses.get_loss(hp.loss)[1]
+        d_no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
         metrics: dict[str, float] = {}
+        nonfinite = False
 
         # Gmain: make D call fakes real. D is frozen for this phase (as NVlabs): the backward computes only the
         # gradient flowing through D into G, never D's own weight gradients, and nothing is all-reduced for D.
         self.opt_G.zero_grad(set_to_none=True)
-        fake = self._run_G(torch.randn(n, self.z_dim, device=self.device), c)
-        no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
-        with no_sync(), ema.frozen(self.D):
-            fake_logits = self._run_D(fake, c)
-            loss_G = losses.logistic_ns_g(fake_logits)
-            loss_G.backward()
-        self.opt_G.step()
-        metrics["loss/G"] = float(loss_G.detach())
+        z = torch.randn(n, self.z_dim, device=self.device)
+        total = 0.0
+        for i, idx in enumerate(parts):
+            with sync_if(self.G_train, i == k - 1), d_no_sync(), ema.frozen(self.D):
+                loss_G = g_loss(self._run_D(self._run_G(z[idx], sub(c, idx)), sub(c, idx)))
+                (loss_G / k).backward()
+            total += float(loss_G.detach())
+        g_norm, ok = guarded_step(self.opt_G, self.G.parameters())
+        nonfinite |= not ok
+        metrics["loss/G"], metrics["health/grad_norm_G"] = total / k, g_norm
 
         # Greg: path-length regularisation on a shrunken batch, every pl_interval steps, weighted by the interval.
         if hp.pl_weight > 0 and self.step % hp.pl_interval == 0:
             self.opt_G.zero_grad(set_to_none=True)
-            m = max(n // hp.pl_batch_shrink, 1)
-            img, ws = self._run_G(
-                torch.randn(m, self.z_dim, device=self.device), c[:m] if c is not None else None, return_ws=True
-            )
-            pl_lengths = path_lengths(img.float(), ws)
-            batch_mean = pl_lengths.mean().detach()
-            if _world_size() > 1:  # one shared running mean, so every rank penalises the same target
-                dist.all_reduce(batch_mean)
-                batch_mean /= _world_size()
-            pl_mean = self.pl_mean.lerp(batch_mean, hp.pl_decay)
-            self.pl_mean.copy_(pl_mean)
-            pl_penalty = (pl_lengths - pl_mean).square().mean()
-            # The ×0 term keeps every G parameter in the graph (toRGB biases do not affect the path length), which
-            # DDP needs to finish its gradient reduction.
-            (pl_penalty * hp.pl_weight * hp.pl_interval + img[:, 0, 0, 0].float().mean() * 0).backward()
-            self.opt_G.step()
-            metrics["loss/pl"] = float(pl_penalty.detach())
+            total = 0.0
+            for i, idx in enumerate(parts):
+                m = max(len(idx) // hp.pl_batch_shrink, 1)
+                with sync_if(self.G_eager, i == k - 1):
+                    img, ws = self._run_G(torch.randn(m, self.z_dim, device=self.device), sub(c, idx[:m]),
+                                          G=self.G_eager, return_ws=True)  # fmt: skip
+                    pl_lengths = path_lengths(img.float(), ws)
+                    batch_mean = pl_lengths.mean().detach()
+                    if _world_size() > 1:  # one shared running mean, so every rank penalises the same target
+                        dist.all_reduce(batch_mean)
+                        batch_mean /= _world_size()
+                    pl_mean = self.pl_mean.lerp(batch_mean, hp.pl_decay)
+                    self.pl_mean.copy_(pl_mean)
+                    pl_penalty = (pl_lengths - pl_mean).square().mean()
+                    # The ×0 term keeps every G parameter in the graph (toRGB biases do not affect the path
+                    # length), which DDP needs to finish its gradient reduction.
+                    ((pl_penalty * hp.pl_weight * hp.pl_interval + img[:, 0, 0, 0].float().mean() * 0) / k).backward()
+                total += float(pl_penalty.detach())
+            _, ok = guarded_step(self.opt_G, self.G.parameters())
+            nonfinite |= not ok
+            metrics["loss/pl"] = total / k
 
-        # Dmain: fakes scored low (G under no_grad), reals high. Two forward/backward pairs as NVlabs: the fake pass
-        # accumulates locally, the real pass all-reduces the sum. Separate passes keep minibatch-stddev groups pure.
+        # Dmain: fakes scored low (G under no_grad, one pass for the whole batch), reals high. Separate fake and real
+        # passes as NVlabs: they keep minibatch-stddev groups pure. Only the cycle's last backward all-reduces.
+        gp_weight = hp.resolved_gp_weight
         self.opt_D.zero_grad(set_to_none=True)
         with torch.no_grad():
-            fake = self._run_G(torch.randn(n, self.z_dim, device=self.device), c)
-        with no_sync():
-            fake_logits = self._run_D(fake.to(images.dtype), c)
-            loss_Dfake = F.softplus(fake_logits).mean()
-            loss_Dfake.backward()
-        real_logits = self._run_D(images, c)
-        loss_Dreal = F.softplus(-real_logits).mean()
-        loss_Dreal.backward()
-        self.opt_D.step()
-        metrics["loss/D"] = float(loss_Dfake.detach() + loss_Dreal.detach())
-        metrics["D/real"] = float(real_logits.detach().mean())
-        metrics["D/fake"] = float(fake_logits.detach().mean())
-        self.ada_sign_sum += float(real_logits.detach().sign().sum())
-        self.ada_sign_count += n
+            fake = self._run_G(torch.randn(n, self.z_dim, device=self.device), c).to(images.dtype)
+        sums = dict.fromkeys(("loss/D", "D/real", "D/fake", "health/D_sign_acc", "loss/gp"), 0.0)
+        alpha = torch.rand(n, 1, 1, 1, device=self.device) if gp_weight else None  # one draw for all micro-batches
+        for i, idx in enumerate(parts):
+            last = i == k - 1
+            with d_no_sync():
+                fake_logits = self._run_D(fake[idx], sub(c, idx))
+                loss_fake = d_fake_term(fake_logits)
+                (loss_fake / k).backward()
+            with sync_if(self.D_train, last and not gp_weight):
+                real_logits = self._run_D(images[idx], sub(c, idx))
+                loss_real = d_real_term(real_logits)
+                (loss_real / k).backward()
+            if gp_weight:
+                with sync_if(self.D_eager, last):
+                    gp = losses.gradient_penalty(lambda x, cc: self._run_D(x, cc, D=self.D_eager), images[idx],
+                                                 fake[idx], sub(c, idx), alpha=alpha[idx])  # fmt: skip
+                    (gp * gp_weight / k).backward()
+                sums["loss/gp"] += float(gp.detach())
+            real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
+            sums["loss/D"] += float(loss_fake.detach() + loss_real.detach())
+            sums["D/real"] += float(real_logits.mean())
+            sums["D/fake"] += float(fake_logits.mean())
+            sums["health/D_sign_acc"] += float(((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
+                                               / 2)  # fmt: skip
+            self.ada_sign_sum += float(real_logits.sign().sum())
+            self.ada_sign_count += len(idx)
+        d_norm, ok = guarded_step(self.opt_D, self.D.parameters())
+        nonfinite |= not ok
+        metrics.update({key: v / k for key, v in sums.items() if key != "loss/gp" or gp_weight})
+        metrics["health/grad_norm_D"] = d_norm
 
         # Dreg: R1 on reals every r1_interval steps, weighted by the interval.
         if self.step % hp.r1_interval == 0:
             gamma = hp.resolved_r1_gamma(self.cfg.resolution, batch)
             if gamma > 0:
                 self.opt_D.zero_grad(set_to_none=True)
-                real = images.detach().requires_grad_(True)
-                real_logits = self._run_D(real, c)
-                r1 = losses.r1_penalty(real, real_logits)
-                (r1 * (gamma / 2) * hp.r1_interval + real_logits.mean() * 0).backward()
-                self.opt_D.step()
-                metrics["loss/r1"] = float(r1.detach())
+                total = 0.0
+                for i, idx in enumerate(parts):
+                    with sync_if(self.D_eager, i == k - 1):
+                        real = images[idx].detach().requires_grad_(True)
+                        real_logits = self._run_D(real, sub(c, idx), D=self.D_eager)
+                        r1 = losses.r1_penalty(real, real_logits)
+                        ((r1 * (gamma / 2) * hp.r1_interval + real_logits.mean() * 0) / k).backward()
+                    total += float(r1.detach())
+                _, ok = guarded_step(self.opt_D, self.D.parameters())
+                nonfinite |= not ok
+                metrics["loss/r1"] = total / k
 
         # EMA of G by half-life in images (decay from the images seen before this batch, as NVlabs).
         decay = ema.halflife_decay(batch, hp.ema_kimg, hp.ema_rampup, self.cur_nimg)
@@ -657,6 +735,7 @@ class Recipe:
             metrics["aug/p"] = float(self.ada.p)
         else:
             metrics["aug/p"] = 0.0
+        metrics["health/nonfinite"] = float(nonfinite)
         return metrics
 
     def _update_ada(self) -> None:
@@ -697,6 +776,7 @@ class Recipe:
             "pl_mean": self.pl_mean.detach().clone(),
             "ada": self.ada.state_dict() if self.ada is not None else None,
             "ada_sign": (self.ada_sign_sum, self.ada_sign_count),
+            "lr_scale": self.lr_scale.scale if self.opt_G is not None else 1.0,
             "config": dataclasses.asdict(self.cfg),
             "hparams": dataclasses.asdict(self.hp),
         }
@@ -707,6 +787,7 @@ class Recipe:
         self.G_ema.load_state_dict(state["G_ema"])
         if state.get("opt_G") is not None:
             self._pending_opt = (state["opt_G"], state["opt_D"])
+            self._pending_lr_scale = float(state.get("lr_scale", 1.0))
             if self.opt_G is not None:
                 self._load_optimisers()
         self.cur_nimg, self.step = int(state["cur_nimg"]), int(state["step"])

@@ -69,11 +69,17 @@ class TrainConfig:
     storage_path: str = "s3://ganforge/runs"
     seed: int = 0
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    compile: bool = False  # torch.compile the G and D main passes (regularisers stay eager: they double-backward)
     grid_size: int = 8  # the sample grid is grid_size × grid_size
     metric: str = "fid"  # `fid` (Inception) or `fd_<extractor>` (a registered domain extractor, e.g. fd_classifier)
     metric_kimg: float = 0.0  # evaluate each time progress/kimg crosses a multiple of this, and at the end; 0 = off
     metric_n: int = 2000  # generated samples per evaluation (split across workers)
     metric_ref_n: int = 10000  # real samples for the reference statistics (capped at the dataset size)
+    # Mode-collapse signals from each evaluation's samples (no extra generation): precision/recall and diversity in
+    # the metric's feature space; per-class coverage/accuracy under the dataset's domain classifier (trained once,
+    # beside the dataset, if missing). They feed health.collapse_thresholds.
+    quality_signals: bool = True
+    pr_n: int = 2000  # real and generated feature vectors kept for precision/recall and diversity (≤ metric_n, ref n)
 
     def __post_init__(self):
         _check(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", self.use_gpu, "auto, true or false")
@@ -92,6 +98,7 @@ class TrainConfig:
         _check(self.metric_kimg >= 0, "train.metric_kimg", self.metric_kimg, "a number ≥ 0 (0 = off)")
         _check(self.metric_n >= 2, "train.metric_n", self.metric_n, "an integer ≥ 2")
         _check(self.metric_ref_n >= 2, "train.metric_ref_n", self.metric_ref_n, "an integer ≥ 2")
+        _check(self.pr_n >= 4, "train.pr_n", self.pr_n, "an integer ≥ 4 (k-NN manifolds with k = 3 need 4 points)")
         valid = known_metrics()
         _check(self.metric in valid, "train.metric", self.metric, " or ".join(valid))
 

@@ -1,21 +1,30 @@
 """The per-worker training loop that Ray Train runs on every rank. It reads top to bottom:
 
-    restore (or init) → for each real batch: recipe.train_step → every tick: the quality metric when due
-    (every metric_kimg), report metrics, sample grid (rank 0), full checkpoint every K ticks and at every
-    evaluation → final checkpoint.
+    restore (or init) → for each real batch: recipe.train_step → every tick: signals averaged over every rank's
+    steps, the quality metric when due (every metric_kimg), the health monitor's verdict, report metrics, sample
+    grid (rank 0), then by verdict: a full checkpoint every K ticks and at every evaluation (healthy), a rollback to
+    the last healthy checkpoint with lower learning rates, or a stop → final checkpoint and health report.
 
-It knows the GAN only through the Recipe interface and the data only through ShardLoader.
+It knows the GAN only through the Recipe interface and the data only through ShardLoader. Every rank runs its own
+``HealthMonitor`` on the same all-reduced signals, so all reach the same verdict without another collective; the
+rollback target is each rank's CPU copy of the last checkpoint written while healthy (no S3 round trip).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import random
+import shutil
 import tempfile
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +32,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 import gan_models
 from orchestrator.config import JobConfig
@@ -30,7 +40,10 @@ from orchestrator.data.loader import ShardLoader
 from orchestrator.env import Env
 from orchestrator.tracking.images import image_grid
 from orchestrator.train import checkpoint as ckpt
-from orchestrator.train import ddp, evaluation
+from orchestrator.train.health import OK, ROLLBACK, STOP, WARN, HealthMonitor, ema_drift, events_note, loss_ratio
+from orchestrator.train import ddp, elastic, evaluation
+
+STOPPED, STOP_REASON = "health/stopped", "health/stop_reason"  # in the last report of a run the guard stopped
 
 
 def seed_all(seed: int) -> None:
@@ -53,6 +66,59 @@ def fixed_latents(recipe, cfg: JobConfig, device: torch.device) -> tuple[torch.T
     return z, c.to(device)
 
 
+def copy_state(obj: Any, device: torch.device | str = "cpu") -> Any:
+    """A deep copy of a nested state dict with every tensor copied to ``device``. Optimisers update their state in
+    place, and loading a state dict on the same device may share its tensors, so a snapshot is copied both when
+    taken and when restored. Module state dicts keep their ``_metadata`` (version info ``load_state_dict`` reads)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device, copy=True)
+    if isinstance(obj, dict):
+        kind = OrderedDict if isinstance(obj, OrderedDict) else dict
+        out = kind((k, copy_state(v, device)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, list | tuple):
+        return type(obj)(copy_state(v, device) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class Snapshot:
+    """The state of the last checkpoint written while healthy, in CPU memory: what a rollback restores."""
+
+    step: int
+    tick: int
+    recipe: dict[str, Any]
+    quality: dict[str, Any]
+
+
+def reduce_tick(sums: Mapping[str, float], counts: Mapping[str, int]) -> dict[str, float]:
+    """The tick's mean of every signal over all steps of all ranks (Σ values / Σ counts, float64), identical on
+    every rank, so every rank's health monitor reaches the same verdict. A NaN/inf on one rank makes the mean
+    non-finite everywhere. A signal only some ranks reported is averaged over the steps that reported it."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {k: float(v) / counts[k] for k, v in sums.items()}
+    every: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(sums))
+    keys = sorted(set().union(*every))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(counts.get(k, 0)) for k in keys],
+                     dtype=torch.float64, device=device)  # fmt: skip
+    dist.all_reduce(t)
+    n = len(keys)
+    return {k: float(t[i] / t[n + i]) for i, k in enumerate(keys)}
+
+
+def apply_fire_drill(recipe, drill, lr_scale: float) -> None:
+    """Inject the configured fault (``health.fire_drill``); identical on every rank, as a real fault under DDP."""
+    if drill.kind == "lr_spike":
+        recipe.set_lr_scale(lr_scale * drill.factor)
+    else:  # "nan": a corrupted update; the whole tensor, so every sample's forward is poisoned
+        with torch.no_grad():
+            next(recipe.G.parameters()).fill_(math.nan)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is ours, not Ray's
     cfg = JobConfig.from_dict(loop_config["job"])
@@ -62,9 +128,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     use_amp = cfg.train.amp and device.type == "cuda"
 
+    cfg, resized = elastic.adapt(cfg, world)  # an elastic run on fewer workers than configured
+    if resized and rank == 0:
+        print(f"elastic: {resized}", flush=True)
     seed_all(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     recipe = gan_models.make_recipe(cfg.model_name, cfg.model, cfg.hparams)
-    recipe.setup(device, ray.train.torch.prepare_model, amp=use_amp)
+    recipe.setup(device, ray.train.torch.prepare_model, amp=use_amp, accumulate=cfg.train.accumulate,
+                 compile=cfg.train.compile)  # fmt: skip
     loader = ShardLoader(cfg.data, rank=rank, world_size=world, device=device, env=Env.from_environ())
 
     step, tick = 0, 0

@@ -17,6 +17,7 @@ import torch
 
 from orchestrator.config import JobConfig
 from orchestrator.env import Env, split_s3_uri
+from orchestrator.train import elastic
 
 RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # keeps Ray on 127.0.0.1 (DESIGN.md §8)
 
@@ -90,6 +91,7 @@ def preflight(cfg: JobConfig, env: Env) -> dict:
     """Check S3 credentials, the dataset prefix and MLflow before any worker starts; returns the manifest."""
     from orchestrator.data import s3
 
+    elastic.check(cfg)
     manifest = s3.check_prefix(cfg.data.dataset, env)
     bucket, _ = split_s3_uri(cfg.train.storage_path)
     try:
@@ -131,7 +133,7 @@ def make_trainer(cfg: JobConfig, env: Env, *, mlflow_run_id: str | None, manifes
             "storage_uri": f"s3://{storage_path}/{cfg.train.name}",
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
+            num_workers=elastic.scaling_workers(cfg),  # (min, max) when elastic
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             placement_strategy=cfg.train.placement_strategy,

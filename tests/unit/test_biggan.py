@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import math
 import socket
 
 import pytest
@@ -142,11 +143,11 @@ def test_ortho_reg_gradient_matches_autograd():
     assert layers.ortho_penalty([q]).item() == pytest.approx(0.0, abs=1e-10)
 
 
-def make_recipe(seed: int, wrap=identity, **hp) -> biggan.Recipe:
+def make_recipe(seed: int, wrap=identity, accumulate: int = 1, **hp) -> biggan.Recipe:
     torch.manual_seed(seed)
     hparams = biggan.HParams(**{"n_d": 2, "ema_start": 2, "g_ortho": 1e-4, **hp})
     r = biggan.Recipe(biggan.Config(**TINY), hparams)
-    r.setup(torch.device("cpu"), wrap)
+    r.setup(torch.device("cpu"), wrap, accumulate=accumulate)
     return r
 
 
@@ -171,12 +172,14 @@ def test_recipe_is_a_recipe_and_steps():
     assert (r.z_dim, r.c_dim) == (16, 3)
     before = snapshot(r)
     m1 = r.train_step(*batch())
-    assert set(m1) == {"loss/D", "D/real", "D/fake"} and all(isinstance(v, float) for v in m1.values())
+    d_keys = {"loss/D", "D/real", "D/fake", "health/D_sign_acc", "health/grad_norm_D", "health/nonfinite"}
+    assert set(m1) == d_keys and all(isinstance(v, float) for v in m1.values())
+    assert m1["health/nonfinite"] == 0.0 and m1["health/grad_norm_D"] > 0 and 0 <= m1["health/D_sign_acc"] <= 1
     after_d = snapshot(r)
     assert not torch.equal(before["D.linear.bias"], after_d["D.linear.bias"])
     assert torch.equal(before["G.linear.bias"], after_d["G.linear.bias"])  # n_d=2: no G step yet
     m2 = r.train_step(*batch())
-    assert (r.d_steps, r.g_steps) == (2, 1) and set(m2) == {"loss/G", "loss/D", "D/real", "D/fake"}
+    assert (r.d_steps, r.g_steps) == (2, 1) and set(m2) == d_keys | {"loss/G", "health/grad_norm_G"}
     assert not torch.equal(after_d["G.linear.bias"], r.G.linear.bias)
     torch.testing.assert_close(r.G_ema.linear.bias, r.G.linear.bias, rtol=0, atol=0)  # before ema_start: a copy
     r.train_step(*batch())
@@ -290,3 +293,85 @@ def test_state_dict_is_copyable_and_holds_counters():
     s = copy.deepcopy(r.state_dict())
     assert (s["d_steps"], s["g_steps"]) == (1, 0)
     assert s["config"]["resolution"] == 32
+
+
+def d_state(r: biggan.Recipe) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in snapshot(r).items() if k.startswith("D.")}
+
+
+@pytest.mark.parametrize("hp", [{}, {"loss": "wgan"}, {"r1_gamma": 1.0}], ids=["hinge", "wgan-gp", "r1"])
+def test_accumulated_d_update_equals_the_full_batch(hp):
+    """2 and 4 micro-batches of 8 give the full batch's D update (fakes come from one pass, one SN iteration)."""
+    results = []
+    for k in (1, 2, 4):
+        r = make_recipe(0, accumulate=k, n_d=2, **hp)  # n_d=2: the first step updates D only
+        torch.manual_seed(5)
+        m = r.train_step(*batch(1, n=8))
+        results.append((d_state(r), m))
+    (full, m_full), *rest = results
+    for state, m in rest:
+        for key in full:
+            torch.testing.assert_close(state[key], full[key], rtol=1e-5, atol=1e-6, msg=key)
+        assert m["loss/D"] == pytest.approx(m_full["loss/D"], rel=1e-5)
+        assert m["health/grad_norm_D"] == pytest.approx(m_full["health/grad_norm_D"], rel=1e-4)
+
+
+def test_accumulation_under_ddp_matches_one_process():
+    plain = make_recipe(0, accumulate=2, n_d=1)
+    for i in range(2):
+        torch.manual_seed(i)
+        plain.train_step(*batch(i, n=8))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp = make_recipe(0, wrap=lambda m: DDP(m), accumulate=2, n_d=1)
+        for i in range(2):
+            torch.manual_seed(i)
+            ddp.train_step(*batch(i, n=8))
+    finally:
+        dist.destroy_process_group()
+    assert_same(snapshot(plain), snapshot(ddp))
+    with pytest.raises(ValueError, match="batch of 6 cannot be split into 4 equal micro-batches"):
+        make_recipe(0, accumulate=4).train_step(*batch(1, n=6))
+
+
+def test_losses_as_options():
+    images, labels = batch(1, n=8)
+    values = {}
+    for loss in ("hinge", "logistic", "wgan"):
+        r = make_recipe(0, loss=loss, n_d=1)
+        torch.manual_seed(3)
+        values[loss] = r.train_step(images, labels)
+    assert values["wgan"]["loss/gp"] > 0 and "loss/gp" not in values["hinge"]
+    # same weights and fakes: the losses differ exactly as their formulas do
+    real, fake = values["hinge"]["D/real"], values["hinge"]["D/fake"]
+    assert values["logistic"]["D/real"] == pytest.approx(real) and values["wgan"]["D/fake"] == pytest.approx(fake)
+    assert values["wgan"]["loss/D"] == pytest.approx(fake - real, abs=1e-6)
+    assert biggan.HParams(loss="wgan").resolved_gp_weight == 10.0 and biggan.HParams().resolved_gp_weight == 0.0
+    r1 = make_recipe(0, r1_gamma=10.0).train_step(images, labels)
+    assert r1["loss/r1"] > 0
+    with pytest.raises(ValueError, match="gp_weight -1"):
+        biggan.HParams(gp_weight=-1)
+
+
+def test_nonfinite_gradients_skip_the_step_and_raise_the_flag():
+    r = make_recipe(0, n_d=1)
+    before = snapshot(r)
+    images, labels = batch(1)
+    images[0, 0, 0, 0] = float("nan")
+    m = r.train_step(images, labels)
+    assert m["health/nonfinite"] == 1.0 and not math.isfinite(m["health/grad_norm_D"])
+    after = snapshot(r)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("D.") and "parametrizations" not in k)
+    assert r.train_step(*batch(2))["health/nonfinite"] == 0.0  # the next clean batch trains normally
+
+
+def test_lr_scale_and_its_checkpoint():
+    r = make_recipe(0)
+    assert r.base_lrs() == {"G": 1e-4, "D": 4e-4}
+    r.set_lr_scale(0.25)
+    assert r.opt_G.param_groups[0]["lr"] == pytest.approx(2.5e-5) and r.opt_D.param_groups[0]["lr"] == 1e-4
+    b = make_recipe(1)
+    b.load_state_dict(r.state_dict())
+    assert b.lr_scale.scale == 0.25 and b.opt_D.param_groups[0]["lr"] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="learning-rate scale 0"):
+        r.set_lr_scale(0)

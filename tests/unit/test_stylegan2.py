@@ -325,10 +325,10 @@ def test_path_lengths_of_linear_generator():
 TINY = dict(resolution=16, channel_base=128, channel_max=8, mapping_layers=2, z_dim=8, w_dim=8)
 
 
-def make_recipe(c_dim=0, **hp):
+def make_recipe(c_dim=0, wrap=lambda m: m, accumulate=1, **hp):
     torch.manual_seed(0)
     recipe = Recipe(Config(**TINY, c_dim=c_dim), HParams(**hp))
-    recipe.setup(torch.device("cpu"), lambda m: m)
+    recipe.setup(torch.device("cpu"), wrap, accumulate=accumulate)
     return recipe
 
 
@@ -419,3 +419,95 @@ def test_state_dict_round_trip_gives_identical_next_step():
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (a.cur_nimg, a.step, float(a.ada.p)) == (b.cur_nimg, b.step, float(b.ada.p))
     assert float(a.pl_mean) == float(b.pl_mean)
+
+
+# Deterministic given z: no per-call noise draws, no style-mixing draw, no augmentation.
+EXACT = dict(noise_mode="const", style_mixing_prob=0.0, pl_weight=0.0, r1_interval=1)
+
+
+def params(recipe) -> dict[str, torch.Tensor]:
+    return {
+        f"{k}.{n}": p.detach().clone() for k in ("G", "D", "G_ema") for n, p in getattr(recipe, k).named_parameters()
+    }
+
+
+@pytest.mark.parametrize("hp", [{}, {"loss": "wgan"}], ids=["logistic+r1", "wgan-gp+r1"])
+def test_accumulation_equals_the_full_batch(hp):
+    """Micro-batches of 4 (whole minibatch-stddev groups) give the batch-of-16 update of G, D and G_ema."""
+    results = {}
+    for k in (1, 2, 4):
+        recipe = make_recipe(c_dim=3, accumulate=k, **EXACT, **hp)
+        images, labels = batch(n=16, c_dim=3)
+        torch.manual_seed(11)
+        metrics = [recipe.train_step(images, labels) for _ in range(2)]
+        results[k] = (params(recipe), metrics)
+    full, m_full = results[1]
+    for k in (2, 4):
+        state, m = results[k]
+        for key in full:
+            torch.testing.assert_close(state[key], full[key], rtol=1e-4, atol=1e-5, msg=f"{k} micro-batches: {key}")
+        for key in ("loss/G", "loss/D", "loss/r1", "health/grad_norm_D", "health/D_sign_acc"):
+            assert m[1][key] == pytest.approx(m_full[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_micro_batches_take_whole_stddev_groups():
+    from gan_models.steps import micro_batches
+
+    parts = micro_batches(16, 2, group=4)
+    assert [p.tolist() for p in parts] == [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]
+    assert [p.tolist() for p in micro_batches(6, 3)] == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="batch of 10 cannot be split into 4"):
+        micro_batches(10, 4)
+
+
+def test_accumulation_under_ddp_matches_one_process():
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def run(wrap):
+        recipe = make_recipe(accumulate=2, wrap=wrap, r1_interval=2, pl_interval=2)
+        images, labels = batch()
+        torch.manual_seed(3)
+        for _ in range(2):
+            recipe.train_step(images, labels)
+        return params(recipe)
+
+    plain = run(lambda m: m)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = run(lambda m: DDP(m))
+    finally:
+        dist.destroy_process_group()
+    for key in plain:
+        torch.testing.assert_close(wrapped[key], plain[key], rtol=0, atol=0, msg=key)
+
+
+def test_health_signals_losses_and_lr_scale():
+    recipe = make_recipe()
+    m = recipe.train_step(*batch())
+    assert {"health/grad_norm_G", "health/grad_norm_D", "health/D_sign_acc", "health/nonfinite"} <= set(m)
+    assert m["health/nonfinite"] == 0.0 and m["health/grad_norm_G"] > 0 and 0 <= m["health/D_sign_acc"] <= 1
+    images, labels = batch()
+    images[3] = float("nan")
+    before = params(recipe)
+    bad = recipe.train_step(images, labels)
+    assert bad["health/nonfinite"] == 1.0
+    after = params(recipe)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("D."))  # D's step was skipped
+    for loss in ("hinge", "wgan"):
+        m = make_recipe(loss=loss).train_step(*batch())
+        assert math.isfinite(m["loss/D"]) and (("loss/gp" in m) == (loss == "wgan"))
+    assert HParams(loss="wgan").resolved_gp_weight == 10.0 and HParams().resolved_gp_weight == 0.0
+    with pytest.raises(ValueError, match="unknown loss 'lsgan'"):
+        HParams(loss="lsgan")
+    lr = recipe.opt_G.param_groups[0]["lr"]
+    recipe.set_lr_scale(0.5)
+    assert recipe.opt_G.param_groups[0]["lr"] == pytest.approx(lr / 2) and recipe.base_lrs()["G"] == 0.002
+    b = make_recipe()
+    b.load_state_dict(copy.deepcopy(recipe.state_dict()))
+    assert b.opt_G.param_groups[0]["lr"] == pytest.approx(lr / 2) and b.lr_scale.scale == 0.5
