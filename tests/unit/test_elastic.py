@@ -37,7 +37,7 @@ def test_keep_batch_refuses_world_sizes_that_do_not_divide():
         elastic.check(c)
     assert "\n" not in str(e.value)
     elastic.check(cfg("biggan", "train.min_workers=3", "train.elastic=rescale"))
-    with pytest.raises(ConfigError, match="data.batch_size=32 is not a multiple of train.accumulate=3"):
+    with pytest.raises(ConfigError, match=r"data\.batch_size=32 is not a multiple of train\.accumulate=3"):
         elastic.check(cfg("biggan", "train.accumulate=3"))
 
 
