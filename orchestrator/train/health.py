@@ -24,6 +24,8 @@ Signals (keys of the dict given to ``update``; any subset, any extra keys are ig
 ``health/D_sign_acc``      D's sign accuracy (``sign_accuracy``), tick-averaged
 ``fid``, ``fd_<name>``     occasional evaluations, lower is better
 ``recall``, ``coverage``   occasional evaluations (``precision_recall``, ``class_report``), higher is better
+``health/loss_ratio``      ``loss_ratio``: loss/G ÷ loss/D (recorded and plotted, no rule)
+``health/ema_drift``       ``ema_drift``: relative L2 distance of G_ema from G (recorded and plotted, no rule)
 =========================  ==============================================================================
 
 Rules (thresholds in ``HealthConfig``); all but ``nonfinite`` stay silent while ``tick ≤ warmup_ticks``:
@@ -42,6 +44,11 @@ Policy: every rollback multiplies the learning-rate scale by ``lr_factor`` (cumu
 the base learning rates); after ``max_rollbacks`` rollbacks the next rollback-worthy verdict is ``stop``, and every
 later ``update`` answers ``stop`` too. A rollback clears the rules' running state (streaks, grad-norm windows) but
 keeps each metric's best value.
+
+Fire drills: ``HealthConfig.fire_drill`` injects a fault on purpose, so a team can watch the guard act on a real
+cluster before it matters (``parse_fire_drill``): ``lr_spike@STEPxFACTOR`` multiplies every learning rate by
+FACTOR once STEP steps are done (until the guard's rollback resets them), ``nan@STEP`` writes NaN into one of G's
+weights. A drill fires once per run; a rollback to a checkpoint before STEP does not fire it again.
 
 Checkpointing: ``state_dict()`` is plain Python (dict/list/str/int/float/bool/None; floats may be NaN). Save it with
 every checkpoint and ``load_state_dict`` it when *resuming* a run (restart after a crash); do not load it when
@@ -67,14 +74,21 @@ import torch
 
 __all__ = [
     "ACTIONS",
+    "FIRE_DRILLS",
     "RULES",
+    "FireDrill",
     "HealthConfig",
     "HealthEvent",
     "HealthMonitor",
+    "TrainingStopped",
     "Verdict",
+    "ema_drift",
+    "events_note",
     "grad_norm",
     "health_plot",
     "health_report_markdown",
+    "loss_ratio",
+    "parse_fire_drill",
     "sign_accuracy",
 ]
 
@@ -82,7 +96,12 @@ OK, WARN, ROLLBACK, STOP = "ok", "warn", "rollback", "stop"
 ACTIONS = (OK, WARN, ROLLBACK, STOP)
 RULES = ("nonfinite", "grad_explosion", "d_overpowered", "metric_regression", "collapse")  # most severe first
 NONFINITE_FLAG_PREFIX = "health/nonfinite"
+FIRE_DRILLS = ("lr_spike", "nan")
 _STATE_VERSION = 1
+
+
+class TrainingStopped(RuntimeError):
+    """The divergence guard stopped a run (rollbacks used up); the message is one line with the rule that fired."""
 
 
 def sign_accuracy(real_logits: Any, fake_logits: Any) -> float:
@@ -107,6 +126,67 @@ def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
     if not grads:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def ema_drift(G: torch.nn.Module, G_ema: torch.nn.Module) -> float:
+    """Relative L2 distance of G_ema's parameters from G's: ‖θ_G − θ_ema‖ / ‖θ_G‖ over every parameter (buffers
+    excluded), in float64. 0 while the EMA only copies G; a steady small value while both learn; a jump when G moves
+    away faster than the average follows (a divergence, or an lr too high for the EMA's half-life)."""
+    diff = total = 0.0
+    with torch.no_grad():
+        for p, q in zip(G.parameters(), G_ema.parameters(), strict=True):
+            p64 = p.detach().double()
+            diff += float(torch.sum((p64 - q.detach().to(p64)) ** 2))
+            total += float(torch.sum(p64**2))
+    return math.sqrt(diff) / math.sqrt(total) if total > 0 else 0.0
+
+
+def loss_ratio(signals: Mapping[str, float]) -> float | None:
+    """``loss/G`` ÷ ``loss/D`` (``health/loss_ratio``): how much harder G's objective is than D's. It grows while D
+    wins (for hinge and logistic losses loss/D ≥ 0 and heads to 0 when D separates everything); its sign is G's
+    loss's (a hinge G loss is −D(G(z)), negative once G fools D). None when either loss is missing or loss/D is 0."""
+    g, d = signals.get("loss/G"), signals.get("loss/D")
+    if g is None or d is None or d == 0 or not (math.isfinite(g) and math.isfinite(d)):
+        return None
+    return float(g) / float(d)
+
+
+@dataclass(frozen=True)
+class FireDrill:
+    """A fault injected on purpose (``HealthConfig.fire_drill``): ``kind`` in ``FIRE_DRILLS``, applied once ``step``
+    steps are done; ``factor`` is the lr multiplier of an ``lr_spike``."""
+
+    kind: str
+    step: int
+    factor: float = 1.0
+
+    def describe(self) -> str:
+        if self.kind == "lr_spike":
+            return f"learning rates × {_fmt(self.factor)} after step {self.step}"
+        return f"NaN written into a G weight after step {self.step}"
+
+
+def parse_fire_drill(spec: str) -> FireDrill | None:
+    """``"lr_spike@200x1e4"`` → FireDrill("lr_spike", 200, 1e4); ``"nan@200"`` → FireDrill("nan", 200); ``""`` →
+    None. ValueError (one line, naming the valid forms) on anything else."""
+    spec = (spec or "").strip()
+    if not spec:
+        return None
+    valid = "'lr_spike@STEPxFACTOR' (e.g. lr_spike@200x1e4, FACTOR > 1) or 'nan@STEP' (STEP ≥ 1), or '' for none"
+    kind, _, rest = spec.partition("@")
+    step_text, _, factor_text = rest.partition("x")
+    try:
+        step = int(step_text)
+        if kind == "lr_spike":
+            factor = float(factor_text)
+            ok = factor > 1 and math.isfinite(factor)
+        else:
+            factor, ok = 1.0, kind == "nan" and not factor_text
+    except ValueError:
+        ok = False
+    if not ok or step < 1:
+        raise ValueError(f"health.fire_drill={spec!r} is invalid; expected {valid}")
+    return FireDrill(kind, step, factor)
 
 
 def _parse_threshold(spec: str) -> tuple[str, float]:
@@ -153,6 +233,8 @@ class HealthConfig:
         "loss/*", "D/*", "health/*", "fid", "fd_*", "precision", "recall", "coverage", "diversity", "accuracy",
     )  # fmt: skip
     history_limit: int = 20_000  # ticks kept (oldest dropped)
+    # fault injection for fire drills ("lr_spike@STEPxFACTOR", "nan@STEP"; "" = none): see the module docstring
+    fire_drill: str = ""
 
     def __post_init__(self) -> None:
         for name in ("nonfinite_keys", "grad_keys", "metric_keys", "collapse_thresholds", "history_keys"):
@@ -185,6 +267,12 @@ class HealthConfig:
         check(0 < self.lr_factor <= 1, "lr_factor", "a number in (0, 1]")
         check(is_int(self.max_rollbacks) and self.max_rollbacks >= 0, "max_rollbacks", "an integer ≥ 0")
         check(is_int(self.history_limit) and self.history_limit >= 1, "history_limit", "an integer ≥ 1")
+        self.drill  # noqa: B018 -- parses and validates fire_drill
+
+    @property
+    def drill(self) -> FireDrill | None:
+        """``fire_drill`` parsed (None when off)."""
+        return parse_fire_drill(self.fire_drill)
 
     @property
     def collapse_limits(self) -> dict[str, float]:
@@ -583,6 +671,29 @@ def health_plot(
     fig.savefig(buf, format="png")
     path.write_bytes(buf.getvalue())
     return path
+
+
+def events_note(events: Sequence[HealthEvent], limit: int = 7000) -> str:
+    """The run's health events as a markdown list (newest last), at most ``limit`` characters: the oldest lines are
+    dropped first (MLflow caps a tag, and so a run's note, at 8000 characters)."""
+    lines = []
+    for e in events:
+        sig = ", ".join(f"{k}={_fmt(v)}" for k, v in e.signals.items())
+        lrs = ", ".join(f"{k} {_fmt(v)}" for k, v in e.lrs.items()) if e.lrs else f"× {_fmt(e.lr_scale)} of base"
+        lines.append(f"- **{e.action}** at step {e.step} (tick {e.tick}), {', '.join(e.rules)}: {sig}; "
+                     f"learning rates now {lrs}. {e.reason}")  # fmt: skip
+    head = "### Training health events\n\n"
+    kept: list[str] = []
+    size = len(head)
+    for line in reversed(lines):
+        if size + len(line) + 1 > limit - 80 and kept:
+            break
+        kept.insert(0, line[: limit - 80 - len(head)])
+        size += len(line) + 1
+    dropped = len(lines) - len(kept)
+    if dropped:
+        kept.insert(0, f"- … {dropped} earlier event(s): see the health/events.json artifact")
+    return head + ("\n".join(kept) if kept else "None.") + "\n"
 
 
 def _md(text: Any) -> str:
