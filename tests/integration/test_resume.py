@@ -7,6 +7,7 @@ CPU with gloo the same inputs in the same order give the same bits, so any diffe
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -105,3 +106,23 @@ def test_killed_worker_recovers_without_losing_state(stack, s3, dataset, straigh
     restarts = out.count("Attempting to start training worker group")
     assert restarts >= 2, out[-3000:]
     assert_same_weights(state, straight)
+
+
+def test_elastic_resume_on_fewer_workers_keeps_the_global_batch(stack, s3, dataset):
+    """A run started on 2 workers resumes on the 1 worker the cluster can still place (num_workers=(1, 2)): it
+    continues from its checkpoint with the same global batch, one worker taking both halves in 2 micro-batches."""
+    name = f"elastic-{uuid.uuid4().hex[:6]}"
+    common = ["train.tick_steps=2", "train.checkpoint_ticks=1", "train.min_workers=1"]
+    out = finish(start(stack, dataset, name, 4, common))
+    assert "elastic:" not in out and final_state(s3, name)["step"] == 4
+    # 3 CPUs per worker: only one fits on the 4-CPU test cluster, so Ray Train starts the elastic run with one
+    out = finish(start(stack, dataset, name, 8, [*common, "train.cpus_per_worker=3"]))
+    note = "elastic: 1 of 2 workers: global batch kept at 16 (16 per worker in 2 micro-batches of 8)"
+    assert note in out, out[-3000:]
+    assert "step      6/8" in out and "step      2/8" not in out  # resumed at step 5
+    last = checkpoints(s3, name)[-1]
+    meta = json.loads(s3.get_object(Bucket="ganforge", Key=f"{last}/{ckpt.META}")["Body"].read())
+    assert (meta["step"], meta["world_size"]) == (8, 1)
+    assert meta["kimg"] == pytest.approx(8 * 16 / 1000)  # every step still consumed a global batch of 16
+    state = final_state(s3, name)
+    assert all(torch.isfinite(t).all() for t in state["recipe"]["G"].values() if t.is_floating_point())
