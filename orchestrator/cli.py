@@ -4,6 +4,7 @@
     ganforge shards --dataset fashion-mnist --out s3://ganforge/datasets/fashion-mnist
     ganforge train biggan [--config FILE] [key=value ...]
     ganforge sample models:/biggan@champion --n 64 --seed 0 --out grid.png   (or models:/biggan/3, a checkpoint)
+    ganforge sample models:/biggan@champion --n 100000 --to s3://ganforge/synthetic/biggan   (a synthetic dataset)
     ganforge models list | show NAME | register RUN_ID_OR_NAME
     ganforge sweep [--config jobs/configs/tune_sweep.yaml] [sweep.key=value | section.key=value ...]
     ganforge classifier --dataset s3://ganforge/datasets/fashion-mnist
@@ -127,10 +128,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from orchestrator.sample import sample_grid
+    if args.to is None:
+        from orchestrator.sample import sample_grid
 
-    sample_grid(args.source, args.out, n=args.n, seed=args.seed, truncation=args.truncation, class_=args.class_,
-                scale=args.scale)  # fmt: skip
+        sample_grid(args.source, args.out or "samples.png", n=args.n, seed=args.seed, truncation=args.truncation,
+                    class_=args.class_, scale=args.scale)  # fmt: skip
+        return 0
+    from orchestrator.export import export_synthetic
+
+    if args.out is not None:
+        raise ValueError(f"--out {args.out!r} writes a grid and --to {args.to!r} a dataset; give one of them")
+    export_synthetic(args.source, args.to, n=args.n, seed=args.seed, truncation=args.truncation, class_=args.class_,
+                     samples_per_shard=args.shard_size, image_format=args.format, overwrite=args.overwrite,
+                     device=args.device)  # fmt: skip
     return 0
 
 
@@ -146,14 +156,24 @@ def cmd_models(args) -> int:
 
 
 def add_registry_commands(sub) -> None:
-    p = sub.add_parser("sample", help="a seeded grid of samples from a registered model or a checkpoint")
+    p = sub.add_parser("sample", help="a seeded grid of samples, or with --to a synthetic dataset, from a registered "
+                                      "model or a checkpoint")  # fmt: skip
     p.add_argument("source", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint dir or s3://…/checkpoint_…")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same PNG")
+    p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same PNG; with --to, "
+                                                        "sample i uses seed + i")  # fmt: skip
     p.add_argument("--truncation", type=float, default=None, help="truncation (BigGAN: |z| bound, StyleGAN2: psi)")
-    p.add_argument("--class", dest="class_", type=int, default=None, help="one class for all (default: row r → r)")
+    p.add_argument("--class", dest="class_", type=int, default=None,
+                   help="one class for all (default: grid row r → class r; with --to, balanced)")  # fmt: skip
     p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
-    p.add_argument("--out", default="samples.png", help="PNG path (default samples.png)")
+    p.add_argument("--out", default=None, help="grid PNG path (default samples.png)")
+    g = p.add_argument_group("synthetic dataset (--to)")
+    g.add_argument("--to", default=None, help="s3://bucket/prefix: write WebDataset shards + manifest there instead "
+                                              "of a grid; re-running resumes")  # fmt: skip
+    g.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    g.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding (default png, lossless)")
+    g.add_argument("--overwrite", action="store_true", help="replace a different dataset already under --to")
+    g.add_argument("--device", default="cpu", help="torch device generating the images (default cpu)")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("models", help="the MLflow model registry: list, show, register")
     msub = p.add_subparsers(dest="models_command", required=True)

@@ -3,6 +3,8 @@
     ganforge sample models:/biggan@champion --n 64 --seed 0 --truncation 0.7 --out grid.png
     ganforge sample models:/biggan/3 ...    |    outputs/<run>/checkpoint    |    s3://ganforge/runs/<run>/checkpoint_…
 
+With ``--to s3://…`` the images become a synthetic dataset instead (:mod:`orchestrator.export`).
+
 Sampling is deterministic: the latents come from ``torch.Generator().manual_seed(seed)`` through the model's own
 ``Recipe.latents``, so the same source, seed, count and truncation give a bit-identical PNG. Grid row r holds class
 r (mod the class count) for conditional models unless one class is asked for.
@@ -102,6 +104,11 @@ class Generator:
     def sample(self, z: torch.Tensor, c: torch.Tensor | None, truncation: float | None = None) -> torch.Tensor:
         return self._recipe.sample(self, z, c, truncation).float().cpu()
 
+    def to(self, device: str | torch.device) -> Generator:
+        self.device = torch.device(device)
+        self.G_ema = self.G_ema.to(self.device)
+        return self
+
     def model_config(self) -> dict[str, Any]:
         """The resolved architecture config, JSON-ready (what ``gan_models.config(name, **cfg)`` rebuilds)."""
         return {"model_name": self.model_name, "config": dataclasses.asdict(self.cfg)}
@@ -118,22 +125,58 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, directory: str, device: str = "cpu") -> Generator:
         """From a training checkpoint directory (state.pt + meta.json, checksum verified)."""
+        return cls._from_checkpoint(directory, device)[0]
+
+    @classmethod
+    def _from_checkpoint(cls, directory: str, device: str = "cpu") -> tuple[Generator, dict[str, Any]]:
         from orchestrator.train import checkpoint as ckpt
 
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"checkpoint directory {directory!r} not found")
         shared = ckpt.load_shared(directory)
         job = shared["config"]
-        return cls(job["model_name"], job["model"], shared["recipe"]["G_ema"], device)
+        return cls(job["model_name"], job["model"], shared["recipe"]["G_ema"], device), job
 
     @classmethod
     def from_s3(cls, uri: str, device: str = "cpu") -> Generator:
         """From a checkpoint directory in S3 (``s3://…/checkpoint_…``); needs the usual AWS_* variables."""
+        return cls._from_s3(uri, device)[0]
+
+    @classmethod
+    def _from_s3(cls, uri: str, device: str = "cpu") -> tuple[Generator, dict[str, Any]]:
         from orchestrator.train import checkpoint as ckpt
 
         with tempfile.TemporaryDirectory(prefix="gf-ckpt-") as d:
             download_checkpoint(uri, d, files=(ckpt.META, ckpt.STATE))
-            return cls.from_checkpoint(d, device)
+            return cls._from_checkpoint(d, device)
+
+
+@dataclass
+class Loaded:
+    """A generator and where it came from: what a synthetic dataset records about its model."""
+
+    generator: Generator
+    uri: str  # as given (an alias may move later)
+    resolved: str  # models:/NAME/VERSION for registered models, else the checkpoint location
+    name: str  # registered model name, else the architecture (biggan, stylegan2)
+    version: str = ""
+    run_id: str = ""
+    dataset: str = ""  # the training dataset's s3:// prefix, when the model's config names one
+
+
+def load_generator(uri: str, device: str = "cpu") -> Loaded:
+    """The generator behind any source ``ganforge sample`` accepts, with its resolved version and source run."""
+    src = parse_source(uri)
+    if src.kind == "registry":
+        from orchestrator.tracking.registry import load_model
+
+        model, version = load_model(src)
+        gen = model.unwrap_python_model().generator.to(device)
+        job = ((model.metadata.metadata or {}).get("ganforge") or {}).get("config") or {}
+        return Loaded(gen, uri, f"models:/{version.name}/{version.version}", version.name, str(version.version),
+                      version.run_id or "", job.get("data", {}).get("dataset", ""))  # fmt: skip
+    gen, job = Generator._from_s3(src.uri, device) if src.kind == "s3" else Generator._from_checkpoint(src.uri, device)
+    return Loaded(gen, uri, src.uri, gen.model_name, dataset=job.get("data", {}).get("dataset", ""))
 
 
 def download_checkpoint(uri: str, directory: str, files: tuple[str, ...]) -> None:

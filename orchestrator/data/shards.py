@@ -318,7 +318,7 @@ def iter_tar_samples(fileobj, *, errors: list | None = None) -> Iterator[tuple[s
         yield key, parts, start
 
 
-class _TarBuilder:
+class TarBuilder:
     """One shard being written: deterministic tar members, so equal input gives equal bytes."""
 
     def __init__(self, path: Path):
@@ -351,7 +351,7 @@ def write_index(tar_path: Path, idx_path: Path) -> None:
         ic.create_index()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(4 * _MB):
@@ -360,7 +360,7 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- outputs
-class _Output:
+class ShardOutput:
     """Where finished shards go: an s3:// prefix (multipart upload) or a local folder (atomic rename)."""
 
     def __init__(self, out: str, env: Env):
@@ -380,23 +380,27 @@ class _Output:
         # Large parts keep the request count low; S3 only shows the object once the last part is in.
         self.transfer = TransferConfig(multipart_threshold=64 * _MB, multipart_chunksize=64 * _MB, max_concurrency=4)
 
-    def has(self, name: str, sha256: str, size: int) -> bool:
+    def has(self, name: str, sha256: str, size: int, metadata: dict[str, str] | None = None) -> bool:
+        """Whether ``name`` is already in place with these bytes (and, in S3, this ``metadata``)."""
         if not self.s3:
             p = self.dir / name
-            return p.exists() and p.stat().st_size == size and _sha256(p) == sha256
+            return p.exists() and p.stat().st_size == size and sha256_file(p) == sha256
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.prefix + name)
         except ClientError:
             return False
-        return head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256
+        want = {"sha256": sha256, **(metadata or {})}
+        have = head.get("Metadata", {})
+        return head["ContentLength"] == size and all(have.get(k) == v for k, v in want.items())
 
-    def put(self, local: Path, name: str, sha256: str | None = None) -> None:
+    def put(self, local: Path, name: str, sha256: str | None = None, metadata: dict[str, str] | None = None) -> None:
         if not self.s3:
             tmp = self.dir / f".{name}.partial"
             shutil.copyfile(local, tmp)
             os.replace(tmp, self.dir / name)
             return
-        extra = {"Metadata": {"sha256": sha256}} if sha256 else {}
+        meta = {**({"sha256": sha256} if sha256 else {}), **(metadata or {})}
+        extra = {"Metadata": meta} if meta else {}
         self.client.upload_file(str(local), self.bucket, self.prefix + name, ExtraArgs=extra, Config=self.transfer)
 
     def put_bytes(self, data: bytes, name: str) -> None:
@@ -406,6 +410,58 @@ class _Output:
             os.replace(tmp, self.dir / name)
             return
         self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
+
+
+def finish_shard(builder: TarBuilder, output: ShardOutput, metadata: dict[str, str] | None = None) -> tuple[dict, bool]:
+    """Close ``builder``'s tar, index it and upload both unless already in place; returns the shard's manifest
+    entry and whether the tar went up. The index goes first, so a tar in place means its index is too; with
+    ``metadata`` (S3 user metadata for the tar) the tar also records its index's sha256, which ties the two."""
+    builder.close()
+    name, idx = builder.path.name, builder.path.with_suffix(".idx")
+    write_index(builder.path, idx)
+    entry = {"name": name, "index": idx.name, "count": builder.count, "bytes": builder.path.stat().st_size,
+             "sha256": sha256_file(builder.path)}  # fmt: skip
+    idx_sha = sha256_file(idx)
+    if not output.has(idx.name, idx_sha, idx.stat().st_size):
+        output.put(idx, idx.name, idx_sha)
+    if metadata is not None:
+        metadata = {**metadata, "index-sha256": idx_sha}
+    uploaded = not output.has(name, entry["sha256"], entry["bytes"], metadata)
+    if uploaded:
+        output.put(builder.path, name, entry["sha256"], metadata)
+    builder.path.unlink()
+    idx.unlink()
+    return entry, uploaded
+
+
+def sample_files(image_ext: str, image: bytes, label: int, meta: dict) -> dict[str, bytes]:
+    """One sample's tar members: the image, its label as ASCII (what DALI/webdataset read) and ``meta`` as JSON."""
+    return {image_ext: image, "cls": str(label).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def make_manifest(*, name: str, resolution: int, channels: int, classes: list[str], num_samples: int,
+                  image_ext: str, shards: list[dict], **extra) -> dict:  # fmt: skip
+    """``manifest.json``'s content; ``extra`` adds blocks (e.g. a synthetic export's ``synthetic``)."""
+    return {
+        "format": FORMAT,
+        "name": name,
+        "resolution": resolution,
+        "channels": channels,
+        "num_classes": len(classes),
+        "classes": classes,
+        "num_samples": num_samples,
+        "image_ext": image_ext,
+        "shards": sorted(shards, key=lambda s: s["name"]),
+        **extra,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def progress_bar(disable: bool = False) -> Progress:
+    """The shard writers' rich progress bar; its task takes an ``info`` field for a running summary."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))  # fmt: skip
+    return Progress(*columns, disable=disable)
 
 
 def _ordered_map(pool: ThreadPoolExecutor, fn, items: Iterable, window: int, chunk: int = 128) -> Iterator:
@@ -457,67 +513,51 @@ def write_shards(
     t0 = time.monotonic()
     src = resolve_source(source, resolution=resolution, max_samples=max_samples, image_format=image_format,
                          seed=seed, env=env)  # fmt: skip
-    output = _Output(out, env)
+    output = ShardOutput(out, env)
     max_bytes = int(shard_size_mb * _MB)
     shards: list[dict] = []
     labels_seen: set[int] = set()
     uploaded = skipped_uploads = 0
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))  # fmt: skip
     with (
         tempfile.TemporaryDirectory(prefix="gf-shards-") as tmp,
         ThreadPoolExecutor(max(1, workers), thread_name_prefix="gf-encode") as pool,
         ThreadPoolExecutor(2, thread_name_prefix="gf-upload") as uploads,
-        Progress(*columns, disable=not progress) as bar,
+        progress_bar(disable=not progress) as bar,
     ):
         task = bar.add_task(f"sharding {src.name}", total=src.total, info="")
         in_flight: deque[Future] = deque()
 
-        def finish(builder: _TarBuilder, name: str) -> None:
+        def finish(builder: TarBuilder) -> None:
             nonlocal uploaded, skipped_uploads
-            builder.close()
-            idx_name = name.replace(".tar", ".idx")
-            idx = builder.path.with_suffix(".idx")
-            write_index(builder.path, idx)
-            entry = {"name": name, "index": idx_name, "count": builder.count,
-                     "bytes": builder.path.stat().st_size, "sha256": _sha256(builder.path)}  # fmt: skip
-            if output.has(name, entry["sha256"], entry["bytes"]):
-                skipped_uploads += 1
-            else:
-                output.put(builder.path, name, entry["sha256"])
-                uploaded += 1
-            idx_sha = _sha256(idx)
-            if not output.has(idx_name, idx_sha, idx.stat().st_size):
-                output.put(idx, idx_name, idx_sha)
-            builder.path.unlink()
-            idx.unlink()
+            entry, went_up = finish_shard(builder, output)
+            uploaded += went_up
+            skipped_uploads += not went_up
             shards.append(entry)
             bar.update(task, info=f"{len(shards)} shards, {uploaded} uploaded, {skipped_uploads} already there")
 
-        builder: _TarBuilder | None = None
+        builder: TarBuilder | None = None
         n = num_shards = 0
         for sample in _ordered_map(pool, src.load, src.tasks, window=4 * max(1, workers)):
             bar.advance(task)
             if sample is None:
                 continue
-            files = {src.image_ext: sample.image, "cls": str(sample.label).encode(),
-                     "json": json.dumps({"label": sample.label, "class": _class_name(src.classes, sample.label),
-                                         "source": sample.source}, sort_keys=True).encode()}  # fmt: skip
+            meta = {"label": sample.label, "class": _class_name(src.classes, sample.label), "source": sample.source}
+            files = sample_files(src.image_ext, sample.image, sample.label, meta)
             if builder and (builder.count >= samples_per_shard or builder.size + builder.cost(list(files.values()))
                             > max_bytes):  # fmt: skip
-                in_flight.append(uploads.submit(finish, builder, builder.path.name))
+                in_flight.append(uploads.submit(finish, builder))
                 while len(in_flight) > 2:  # bounded local disk: at most a few finished shards wait for upload
                     in_flight.popleft().result()
                 builder = None
             if builder is None:
-                builder = _TarBuilder(Path(tmp) / f"train-{num_shards:06d}.tar")
+                builder = TarBuilder(Path(tmp) / f"train-{num_shards:06d}.tar")
                 num_shards += 1
             builder.add(f"{n:08d}", files)
             labels_seen.add(sample.label)
             n += 1
         if builder:
-            in_flight.append(uploads.submit(finish, builder, builder.path.name))
+            in_flight.append(uploads.submit(finish, builder))
         for f in in_flight:
             f.result()
 
@@ -526,18 +566,8 @@ def write_shards(
     if src.skipped:
         log.warning("%s: skipped %d unreadable samples, e.g. %s", source, len(src.skipped), src.skipped[0])
     classes = src.classes or [str(i) for i in range(max(labels_seen) + 1)]
-    manifest = {
-        "format": FORMAT,
-        "name": src.name,
-        "resolution": src.resolution,
-        "channels": src.channels,
-        "num_classes": len(classes),
-        "classes": classes,
-        "num_samples": n,
-        "image_ext": src.image_ext,
-        "shards": sorted(shards, key=lambda s: s["name"]),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    manifest = make_manifest(name=src.name, resolution=src.resolution, channels=src.channels, classes=classes,
+                             num_samples=n, image_ext=src.image_ext, shards=shards)  # fmt: skip
     output.put_bytes(json.dumps(manifest, indent=1).encode(), "manifest.json")
     log.info("wrote %d samples in %d shards to %s in %.1f s (%d uploaded, %d already there)", n, len(shards), out,
              time.monotonic() - t0, uploaded, skipped_uploads)  # fmt: skip
