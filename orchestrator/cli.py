@@ -8,6 +8,7 @@
     ganforge models list | show NAME | register RUN_ID_OR_NAME
     ganforge sweep [--config jobs/configs/tune_sweep.yaml] [sweep.key=value | section.key=value ...]
     ganforge classifier --dataset s3://ganforge/datasets/fashion-mnist
+    ganforge report RUN_ID_OR_NAME [--experiment NAME] [--out DIR]   (training-health report of a run)
 
 Bad input ends with one line on stderr naming the problem and exit status 2.
 """
@@ -28,8 +29,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from orchestrator.config import ConfigError
     from orchestrator.tracking.mlflow import TrackingError
     from orchestrator.train.checkpoint import CheckpointError
+    from orchestrator.train.health import TrainingStopped
 
-    return (ConfigError, CheckpointError, TrackingError, ValueError, FileNotFoundError)
+    return (ConfigError, CheckpointError, TrackingError, TrainingStopped, ValueError, FileNotFoundError)
 
 
 def report_error(e: Exception) -> int:
@@ -235,6 +237,30 @@ def add_sweep_commands(sub) -> None:
     p.set_defaults(func=cmd_classifier)
 
 
+# --- training-health report (orchestrator/report.py) ----------------------------------------------------------------
+
+
+def cmd_report(args) -> int:
+    from orchestrator.report import health_report
+
+    report = health_report(args.run, experiment=args.experiment, out_dir=args.out)
+    print(report.markdown.rstrip())
+    print()
+    if report.rebuilt:
+        print("(rebuilt from the run's MLflow metric history: it logged no health report artifacts)")
+    print(f"report           {report.markdown_path}")
+    print(f"plot             {report.plot_path}")
+    return 0
+
+
+def add_report_command(sub) -> None:
+    p = sub.add_parser("report", help="a run's training-health report (markdown + plot) from MLflow")
+    p.add_argument("run", help="MLflow run id or ganforge run name (train.name)")
+    p.add_argument("--experiment", default=None, help="look only in this MLflow experiment (default: all)")
+    p.add_argument("--out", default=None, help="folder for report.md + health.png (default outputs/<run>/health)")
+    p.set_defaults(func=cmd_report)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ganforge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=".ganforge", help="local stack state/log/data folder")
@@ -255,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
     add_registry_commands(sub)
     add_sweep_commands(sub)
+    add_report_command(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

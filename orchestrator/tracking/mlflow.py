@@ -141,6 +141,11 @@ class BackgroundLogger:
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self._put(("artifacts", (local_dir, artifact_path)))
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """One file; it is read when sent, so it must exist until ``flush``/``close`` (rewriting it sends the
+        newest content)."""
+        self._put(("artifact", (local_path, artifact_path)))
+
     def set_tag(self, key: str, value: str) -> None:
         self._put(("tag", (key, value)))
 
@@ -213,5 +218,8 @@ class BackgroundLogger:
         elif kind == "artifacts":
             local_dir, artifact_path = payload
             self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+        elif kind == "artifact":
+            local_path, artifact_path = payload
+            self.client.log_artifact(self.run_id, local_path, artifact_path)
         elif kind == "tag":
             self.client.set_tag(self.run_id, *payload)

@@ -53,7 +53,9 @@ weights. A drill fires once per run; a rollback to a checkpoint before STEP does
 Checkpointing: ``state_dict()`` is plain Python (dict/list/str/int/float/bool/None; floats may be NaN). Save it with
 every checkpoint and ``load_state_dict`` it when *resuming* a run (restart after a crash); do not load it when
 rolling back. Distributed runs must reach the same verdict on every rank: feed identical (all-reduced) signals to
-every rank's monitor, or run the monitor on rank 0 and broadcast the verdict.
+every rank's monitor, or run the monitor on rank 0 and broadcast the verdict. A stopped monitor's state loaded under
+a config that allows more rollbacks than it used (or disables the guard) is no longer stopped: resuming a stopped
+run with a larger ``max_rollbacks`` continues it.
 """
 
 from __future__ import annotations
@@ -416,7 +418,8 @@ class HealthMonitor:
         self.tick = int(state["tick"])
         self.rollbacks = int(state["rollbacks"])
         self.lr_scale = float(state["lr_scale"])
-        self.stopped = bool(state["stopped"])
+        # the stop stands only while the rollback budget is still used up under the config in force now
+        self.stopped = bool(state["stopped"]) and self.cfg.enabled and self.rollbacks >= self.cfg.max_rollbacks
         self.base_lrs = None if state["base_lrs"] is None else dict(state["base_lrs"])
         self._grad = {k: [float(x) for x in v] for k, v in state["grad"].items()}
         self._d_acc_streak = int(state["d_acc_streak"])

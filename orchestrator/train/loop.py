@@ -40,8 +40,8 @@ from orchestrator.data.loader import ShardLoader
 from orchestrator.env import Env
 from orchestrator.tracking.images import image_grid
 from orchestrator.train import checkpoint as ckpt
-from orchestrator.train.health import OK, ROLLBACK, STOP, WARN, HealthMonitor, ema_drift, events_note, loss_ratio
 from orchestrator.train import ddp, elastic, evaluation
+from orchestrator.train.health import OK, ROLLBACK, STOP, WARN, HealthMonitor, ema_drift, events_note, loss_ratio
 
 STOPPED, STOP_REASON = "health/stopped", "health/stop_reason"  # in the last report of a run the guard stopped
 
@@ -141,6 +141,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     metric = cfg.train.metric
     # last/best value of the quality metric and where the best checkpoint is; +inf until the first evaluation
     quality: dict[str, Any] = {"last": math.inf, "best": math.inf, "best_checkpoint": None}
+    monitor = HealthMonitor(cfg.health, base_lrs=recipe.base_lrs())
+    drill, drill_done = cfg.health.drill, False
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
@@ -149,6 +151,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         recipe.load_state_dict(shared["recipe"])
         step, tick = shared["step"], shared["tick"]
         quality.update(shared.get("quality", {}))
+        if "health" in shared:  # resuming continues the guard's state: rollback count, lr scale, history
+            monitor.load_state_dict(shared["health"])
+            drill_done = shared.get("fire_drill_done", False)
         if mine is not None:  # same world size: continue this rank's streams exactly
             ckpt.set_rng_state(mine["rng"])
             loader.load_state_dict(mine["loader"])
@@ -170,12 +175,64 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     grid_z, grid_c = fixed_latents(recipe, cfg, device)
     global_batch = cfg.data.batch_size * world
     prev_kimg = step * global_batch / 1000.0
+    # The rollback target until the first healthy checkpoint: the state training starts (or resumes) from.
+    good = Snapshot(step, tick, copy_state(recipe.state_dict()), copy.deepcopy(quality))
+    health_dir = Path(tempfile.mkdtemp(prefix="ganforge-health-")) if logger else None  # files the logger sends
+
+    def save_checkpoint(metrics: dict[str, Any], name: str | None) -> Snapshot:
+        """Full checkpoint of the current state (every rank its part) reported with ``metrics``; returns the state
+        it holds as a CPU snapshot, the next rollback target."""
+        snap = Snapshot(step, tick, copy_state(recipe.state_dict()), copy.deepcopy(quality))
+        with tempfile.TemporaryDirectory() as d:
+            shared = meta = None
+            if rank == 0:
+                shared = {"recipe": snap.recipe, "step": step, "tick": tick, "config": cfg.to_dict(),
+                          "quality": quality, "health": monitor.state_dict(),
+                          "fire_drill_done": drill_done}  # fmt: skip
+                meta = {"step": step, "tick": tick, "kimg": step * global_batch / 1000.0, "world_size": world,
+                        "git_sha": loop_config.get("git_sha", "unknown"),
+                        "manifest_hash": loop_config.get("manifest_hash")}  # fmt: skip
+            rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "shards": list(loader.shards),
+                          "fingerprint": ddp.assert_in_sync(replicas),
+                          "node_id": ray.get_runtime_context().get_node_id()}  # fmt: skip
+            ckpt.save(d, rank=rank, rank_state=rank_state, shared=shared, meta=meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        return snap
+
+    def log_event(event) -> None:
+        """Rank 0: the event in MLflow (tags, the run's note, events.json) as soon as it happens, so a run that
+        dies later still tells what the guard saw."""
+        line = f"{event.action} at step {event.step}: {event.reason}"
+        if rank == 0:
+            print(f"health: {line}", flush=True)
+        if not logger:
+            return
+        logger.set_tag("health.rollbacks", str(monitor.rollbacks))
+        logger.set_tag("health.last_event", line[:5000])
+        logger.set_tag("mlflow.note.content", events_note(monitor.events))
+        (health_dir / "events.json").write_text(json.dumps([e.to_dict() for e in monitor.events], indent=1))
+        logger.log_artifact(str(health_dir / "events.json"), "health")
 
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     tick_steps, t_tick = 0, time.perf_counter()
     batches = iter(loader)
-    while step < cfg.train.steps:
+    replicas = {"G": recipe.G, "D": recipe.D, "G_ema": recipe.G_ema}
+    stop_reason = None
+    if monitor.stopped:  # resumed from the checkpoint of a stop that the config in force still upholds
+        stop_reason = monitor.events[-1].reason if monitor.events else "stopped earlier"
+        if rank == 0:
+            print(f"health: this run was stopped by the divergence guard ({stop_reason}); resubmit it with "
+                  f"health.max_rollbacks > {monitor.rollbacks} to continue from its last healthy state",
+                  flush=True)  # fmt: skip
+    while step < cfg.train.steps and not monitor.stopped:
+        if drill and not drill_done and step >= drill.step:
+            apply_fire_drill(recipe, drill, monitor.lr_scale)
+            drill_done = True
+            if rank == 0:
+                print(f"health: fire drill at step {step}: {drill.describe()}", flush=True)
+            if logger:
+                logger.set_tag("health.fire_drill", f"{cfg.health.fire_drill} (applied at step {step})")
         images, labels = next(batches)
         for k, v in recipe.train_step(images, labels).items():  # phases like G or R1 steps report only when run
             sums[k] += v
@@ -187,10 +244,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         tick += 1
         elapsed = time.perf_counter() - t_tick
-        replicas = {"G": recipe.G, "D": recipe.D, "G_ema": recipe.G_ema}
         ddp.broadcast_buffers(replicas)  # BN statistics drift per rank; rank 0's are the run's
         img_per_s = global_batch * tick_steps / elapsed
-        metrics = {k: v / counts[k] for k, v in sums.items()}
+        metrics = reduce_tick(sums, counts)  # collective: every rank's steps, the same values on every rank
+        metrics["health/ema_drift"] = ema_drift(recipe.G, recipe.G_ema)
+        if (ratio := loss_ratio(metrics)) is not None:
+            metrics["health/loss_ratio"] = ratio
         metrics.update({
             "perf/img_per_s": img_per_s,
             "perf/s_per_kimg": 1000.0 / img_per_s,
@@ -201,19 +260,33 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         kimg = metrics["progress/kimg"]
         evaluated = evaluator is not None and evaluation.due(prev_kimg, kimg, cfg.train.metric_kimg, last)
         prev_kimg = kimg
-        ckpt_name = None  # Ray's default name (a timestamp); chosen here when the path must be known in advance
+        signals = dict(metrics)  # what the monitor sees: evaluations only on the tick they were measured
+        quality_signals: dict[str, float] = {}
         if evaluated:
             value = evaluator.evaluate()  # collective: every rank, same value
-            improved = value < quality["best"]
-            ckpt_name = f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"  # Ray uses rank 0's name
+            quality_signals = dict(getattr(evaluator, "last_signals", {}) or {})
+            signals.update({metric: value, **quality_signals})
+        verdict = monitor.update(signals, step=step, tick=tick)
+        healthy = verdict.action in (OK, WARN)
+        metrics.update(monitor.metrics())
+        if verdict.action == STOP:
+            metrics[STOPPED] = 1.0
+        ckpt_name = None  # Ray's default name (a timestamp); chosen here when the path must be known in advance
+        improved = False
+        if evaluated:
             quality["last"] = value
-            if improved:
-                quality.update(best=value, best_checkpoint=f"{loop_config.get('storage_uri', '')}/{ckpt_name}")
+            if healthy:  # weights a rollback discards are never the best checkpoint
+                improved = value < quality["best"]
+                ckpt_name = f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"  # Ray uses rank 0's name
+                if improved:
+                    quality.update(best=value, best_checkpoint=f"{loop_config.get('storage_uri', '')}/{ckpt_name}")
         if evaluator:
             # Schedulers (ASHA) need the metric in every result: carry the last value (+inf before the first one).
             # Checkpoints are scored by checkpoint/<metric>: the value of exactly these weights, +inf if unmeasured.
-            metrics.update({metric: quality["last"], f"best/{metric}": quality["best"],
-                            f"checkpoint/{metric}": quality["last"] if evaluated else math.inf})  # fmt: skip
+            measured = quality["last"] if evaluated and healthy else math.inf
+            metrics.update(
+                {metric: quality["last"], f"best/{metric}": quality["best"], f"checkpoint/{metric}": measured}
+            )
         if rank == 0:  # Ray forwards worker stdout to the driver: the user's progress line
             eta = (cfg.train.steps - step) * elapsed / tick_steps
             losses = "  ".join(f"{k} {v:7.4f}" for k, v in sorted(metrics.items()) if k.startswith("loss/"))
@@ -225,7 +298,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logger.log_metrics({k: v for k, v in metrics.items() if k not in carried}, step=step)
             if evaluated:  # MLflow gets one point per evaluation, not the carried copies
                 logger.log_metrics({metric: quality["last"], f"best/{metric}": quality["best"],
-                                    "perf/eval_s": evaluator.last_seconds}, step=step)  # fmt: skip
+                                    "perf/eval_s": evaluator.last_seconds, **quality_signals}, step=step)  # fmt: skip
                 if improved:
                     logger.set_tag("best_checkpoint", quality["best_checkpoint"])
                 logger.set_tag(f"{metric}.reference", "cached in S3" if evaluator.ref_cached
@@ -235,23 +308,44 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 logger.log_image(grid, f"samples/grid_{step:07d}.png")
             if evaluated:  # a scheduler may stop the trial at this report: send the evaluation first (bounded wait)
                 logger.flush(timeout=5)
+        if verdict.event is not None:
+            log_event(verdict.event)
 
-        if tick % cfg.train.checkpoint_ticks == 0 or last or evaluated:
-            with tempfile.TemporaryDirectory() as d:
-                shared = meta = None
-                if rank == 0:
-                    shared = {"recipe": recipe.state_dict(), "step": step, "tick": tick, "config": cfg.to_dict(),
-                              "quality": quality}  # fmt: skip
-                    meta = {"step": step, "tick": tick, "kimg": metrics["progress/kimg"], "world_size": world,
-                            "git_sha": loop_config.get("git_sha", "unknown"),
-                            "manifest_hash": loop_config.get("manifest_hash")}  # fmt: skip
-                rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict(), "shards": list(loader.shards),
-                              "fingerprint": ddp.assert_in_sync(replicas),
-                              "node_id": ray.get_runtime_context().get_node_id()}  # fmt: skip
-                ckpt.save(d, rank=rank, rank_state=rank_state, shared=shared, meta=meta)
-                ray.train.report(
-                    metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=ckpt_name
-                )
+        if verdict.action == ROLLBACK:
+            # Back to the last healthy checkpoint's weights, optimiser moments and counters; the data stream and
+            # RNGs go on (the same batches would lead to the same place), the monitor keeps its rollback count.
+            recipe.load_state_dict(copy_state(good.recipe, device))
+            recipe.set_lr_scale(verdict.lr_scale)
+            bad_step, step, tick = step, good.step, good.tick
+            quality.clear()
+            quality.update(copy.deepcopy(good.quality))
+            prev_kimg = step * global_batch / 1000.0
+            lrs = ", ".join(f"{k} {v:.3g}" for k, v in (verdict.lrs or {}).items())
+            if rank == 0:
+                print(f"health: rolled back from step {bad_step} to step {step} (rollback {monitor.rollbacks}/"
+                      f"{cfg.health.max_rollbacks}); learning rates now {lrs}", flush=True)  # fmt: skip
+            if evaluator:
+                metrics[f"checkpoint/{metric}"] = math.inf  # the checkpoint below holds restored, unmeasured weights
+            # A checkpoint of the restored state with the lowered lrs and the monitor's count: a crash from here
+            # resumes where the guard left it, not before the rollback.
+            good = save_checkpoint(metrics, None)
+        elif verdict.action == STOP:
+            stop_reason = f"at step {step}: {verdict.reason}"
+            if logger:
+                logger.set_tag("health.stop_reason", stop_reason[:5000])
+            # The run's last checkpoint holds the last healthy state again, never the diverged weights, and its
+            # report carries the reason to the driver (Ray's result is the latest checkpoint's report), which fails
+            # the run with it. Resubmitting the run with a larger health.max_rollbacks continues from there.
+            recipe.load_state_dict(copy_state(good.recipe, device))
+            step, tick = good.step, good.tick
+            quality.clear()
+            quality.update(copy.deepcopy(good.quality))
+            if evaluator:
+                metrics[f"checkpoint/{metric}"] = math.inf
+            save_checkpoint({**metrics, STOP_REASON: stop_reason}, None)
+            break
+        elif tick % cfg.train.checkpoint_ticks == 0 or last or evaluated:
+            good = save_checkpoint(metrics, ckpt_name)
         else:
             ray.train.report(metrics)
         sums.clear()
@@ -260,4 +354,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     loader.close()
     if logger:
+        from orchestrator.report import write_report
+
+        status = "stopped" if stop_reason else f"recovered ({monitor.rollbacks} rollbacks)" if monitor.rollbacks \
+            else "healthy"  # fmt: skip
+        logger.set_tag("health.status", status)
+        logger.set_tag("health.rollbacks", str(monitor.rollbacks))
+        try:
+            write_report(monitor.events, monitor.history, health_dir)
+            logger.log_artifacts(str(health_dir), "health")
+        except Exception as e:  # a report that cannot be drawn must not fail a finished run
+            print(f"health: report not written ({type(e).__name__}: {e})", flush=True)
         logger.close(timeout=60)
+        shutil.rmtree(health_dir, ignore_errors=True)

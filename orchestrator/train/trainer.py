@@ -199,6 +199,7 @@ def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None
         raise
 
     checkpoint_uri = f"s3://{result.checkpoint.path}" if result.checkpoint else None
+    _raise_if_stopped(result.metrics or {}, name, checkpoint_uri, run)
     local_ckpt = grid_path = None
     if result.checkpoint:
         out = Path(output_dir or os.environ.get("GANFORGE_OUTPUT_DIR", "outputs")).resolve() / name
@@ -219,6 +220,24 @@ def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None
                 _register(cfg, run, local_ckpt, log)
     return RunOutcome(name, checkpoint_uri, local_ckpt, run.url if run else None, grid_path,
                       dict(result.metrics or {}), time.monotonic() - t0)  # fmt: skip
+
+
+def _raise_if_stopped(metrics: dict[str, Any], name: str, checkpoint_uri: str | None, run) -> None:
+    """The divergence guard ended the run (its rollbacks were used up): fail the MLflow run and say why, in one
+    line, with where the last healthy checkpoint and the health report are."""
+    from orchestrator.train.health import TrainingStopped
+    from orchestrator.train.loop import STOP_REASON, STOPPED
+
+    if not metrics.get(STOPPED):
+        return
+    if run:
+        from orchestrator.tracking.mlflow import close_run
+
+        close_run(run, status="FAILED")
+    where = f"; last healthy checkpoint {checkpoint_uri}" if checkpoint_uri else ""
+    report = f"; details: `ganforge report {name}`" if run else ""
+    reason = str(metrics.get(STOP_REASON, "no reason recorded")).replace("\n", " ")
+    raise TrainingStopped(f"run {name} stopped by the divergence guard: {reason}{where}{report}")
 
 
 def load_generator(checkpoint_dir: str, device: str = "cpu"):
