@@ -3,20 +3,21 @@
 Run with ``make bench-models`` (not collected by pytest). For every model/config one fixed real batch goes through
 
 * **recipe** — what training runs: ``recipe.setup(device, wrap, amp=True)`` (bf16 autocast + channels_last on CUDA,
-  fp32 + channels_last on CPU; ``--compile`` wraps G and D in ``torch.compile`` as ``wrap`` would, leaving
-  StyleGAN2's regularised steps uncompiled because compiled modules cannot double-backward) and
+  fp32 + channels_last on CPU; ``--compile`` is ``train.compile=true``: the main passes compiled, the regularisers'
+  double backward on the eager twins) and
   ``recipe.train_step`` with every phase the recipe has (StyleGAN2: Gmain with D frozen, lazy path length, Dmain,
   lazy R1, style mixing, EMA; BigGAN: D step, G step with D frozen, EMA). Lazy regularisers are amortised exactly:
   the step is timed with none / path length / both due (the recipe's step counter decides) and weighted by their
   intervals, so ``step_s`` is the mean cost of a step over a full cycle.
 * **eager** — the same G and D (same initial weights) in a minimal hand-written step: one D step (logistic or hinge
   on a real and a no-grad fake batch) and one G step (which, written plainly, also computes D's unused weight
-  gradients), plain ``torch.optim.Adam``, fp32, contiguous NCHW, StyleGAN2's unfused modulated conv, no
-  regularisers, no EMA — what a plain implementation pays for the same networks.
+  gradients), plain ``torch.optim.Adam``, fp32, contiguous NCHW, StyleGAN2's unfused modulated conv, no EMA — what a
+  plain implementation pays for the same networks. StyleGAN2's lazy R1 and path length are written plainly too and
+  run in the same phases as the recipe's, so both sides do the same work.
 
 The paths alternate (warm-up, then repeats, median) so machine noise hits both alike. Reported per config: step time
 and img/s (wall), process CPU time per step (steadier than wall on a shared machine), ``speedup`` (eager / recipe)
-and ``speedup_unregularised`` (eager / the recipe's step with no regulariser due: same work on both sides), peak
+and ``speedup_unregularised`` (the same, for steps with no regulariser due), peak
 memory (CUDA: ``torch.cuda.max_memory_allocated`` during the step; CPU: peak RSS growth over one untimed step after
 glibc ``malloc_trim``, psutil sampling every 5 ms), analytic FLOPs per step (the formulas of
 ``torch.utils.flop_counter`` for every convolution and matmul dispatched, forward and backward), achieved TFLOP/s,
@@ -46,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import gan_models
-from gan_models import losses
+from gan_models import losses, stylegan2
 from orchestrator.config import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,8 @@ def configs(cuda: bool) -> dict[str, dict]:
 
 
 class EagerStep:
-    """One D step + one G step written the obvious way: fp32, plain Adam, no regularisers, no EMA."""
+    """One D step + one G step written the obvious way: fp32, plain Adam, no EMA; StyleGAN2's lazy R1 and path
+    length written plainly when ``reg`` asks for them (same weights and intervals as the recipe)."""
 
     def __init__(self, model: str, recipe, device: torch.device):
         self.model, self.device = model, device
@@ -125,6 +127,7 @@ class EagerStep:
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=hp.g_lr, **kw)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=hp.d_lr, **kw)
         self.z_dim, self.c_dim = recipe.z_dim, recipe.c_dim
+        self.hp, self.resolution, self.pl_mean = hp, recipe.cfg.resolution, torch.zeros([], device=device)
 
     def _G(self, z, c):
         return self.G(z, c, fused_modconv=False) if self.model == "stylegan2" else self.G(z, c)
@@ -134,7 +137,7 @@ class EagerStep:
             return None
         return torch.randint(self.c_dim, (n,), device=self.device) if self.model == "biggan" else labels
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, reg: str = "none") -> None:
         images, labels = images.to(self.device), labels.to(self.device)
         n = images.shape[0]
         c_real = labels if self.c_dim else None
@@ -151,6 +154,29 @@ class EagerStep:
         loss_g.backward()
         self.opt_G.step()
         float(loss_g.detach())  # as the recipe's metrics do: the step is finished when its loss is known
+        if "pl" in reg:
+            self._path_length(n, c_real)
+        if "r1" in reg:
+            self._r1(images, c_real, n)
+
+    def _path_length(self, n: int, c) -> None:
+        hp = self.hp
+        m = max(n // hp.pl_batch_shrink, 1)
+        img, ws = self.G(torch.randn(m, self.z_dim, device=self.device), c[:m] if c is not None else None,
+                         fused_modconv=False, return_ws=True)  # fmt: skip
+        lengths = stylegan2.path_lengths(img, ws)
+        self.pl_mean = self.pl_mean.lerp(lengths.mean().detach(), hp.pl_decay)
+        self.opt_G.zero_grad()
+        ((lengths - self.pl_mean).square().mean() * hp.pl_weight * hp.pl_interval).backward()
+        self.opt_G.step()
+
+    def _r1(self, images: torch.Tensor, c, n: int) -> None:
+        hp = self.hp
+        real = images.detach().requires_grad_(True)
+        r1 = losses.r1_penalty(real, self.D(real, c))
+        self.opt_D.zero_grad()
+        (r1 * hp.resolved_r1_gamma(self.resolution, n) / 2 * hp.r1_interval).backward()
+        self.opt_D.step()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,20 +208,13 @@ def recipe_phases(model: str, recipe) -> list[tuple[str, int, float]]:
     return [("none", 1, 1.0)]
 
 
-def run_recipe_phase(model: str, recipe, step: int, images, labels, eager_modules: bool = False) -> None:
-    """One recipe step with its step counter set to ``step``. ``eager_modules``: run this step with the uncompiled
-    G and D (torch.compile cannot double-backward, which R1 and path length need)."""
+def run_recipe_phase(model: str, recipe, step: int, images, labels) -> None:
+    """One recipe step with its step counter set to ``step``."""
     if model == "biggan":
         recipe.d_steps = step  # the G step runs when (step + 1) % n_d == 0
     else:
         recipe.step = step
-    compiled = recipe.G_train, recipe.D_train
-    if eager_modules:
-        recipe.G_train, recipe.D_train = recipe.G, recipe.D
-    try:
-        recipe.train_step(images, labels)
-    finally:
-        recipe.G_train, recipe.D_train = compiled
+    recipe.train_step(images, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,22 +301,22 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
     torch.manual_seed(0)
     recipe = gan_models.make_recipe(model, cfg, hp)
     eager = EagerStep(model, recipe, device)  # before any step: identical starting weights
-    recipe.setup(device, lambda m: m, amp=True)
     res = cfg.resolution
     images = torch.rand(n, 3, res, res, device=device) * 2 - 1  # a fixed batch; the loader's cost is not measured
     labels = torch.randint(max(recipe.c_dim, 1), (n,), device=device)
     phases = recipe_phases(model, recipe)
 
-    paths: dict[str, Callable[[], None]] = {"eager": lambda: eager(images, labels)}
+    paths: dict[str, Callable[[], None]] = {}
     for label, step, _ in phases:
-        eager_modules = args.compile and model == "stylegan2" and label != "none"  # a regulariser is due
-        paths[label] = lambda step=step, e=eager_modules: run_recipe_phase(model, recipe, step, images, labels, e)
+        paths[label] = lambda step=step: run_recipe_phase(model, recipe, step, images, labels)
+        paths[f"eager/{label}"] = lambda label=label: eager(images, labels, reg=label)
 
     # Analytic FLOPs, counted on the uncompiled modules (the counter sees aten convolutions and matmuls, forward and
-    # backward); then --compile wraps them as setup(device, wrap=torch.compile) would.
+    # backward); then setup(compile=...) compiles the main passes as train.compile=true does.
+    recipe.setup(device, lambda m: m, amp=True)
     flops = {k: flops_of(fn) for k, fn in paths.items()}
     if args.compile:
-        recipe.G_train, recipe.D_train = torch.compile(recipe.G), torch.compile(recipe.D)
+        recipe.setup(device, lambda m: m, amp=True, compile=True)
 
     t_start = time.perf_counter()
     for _ in range(args.warmup):  # after the FLOP-counting pass, which runs under a dispatch mode
@@ -308,18 +327,20 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
     mems: dict[str, dict] = {"eager": {}, "recipe": {}}
     for r in range(args.repeats):
         for k, fn in paths.items():
-            wall, cpu_s = timed(fn, device, mems["eager" if k == "eager" else "recipe"])
+            wall, cpu_s = timed(fn, device, mems["eager" if k.startswith("eager") else "recipe"])
             times[k].append(wall)
             cpu[k].append(cpu_s)
         if r + 1 >= args.min_repeats and time.perf_counter() - t_start > args.budget_s:
             break
     if device.type != "cuda":
         for k, fn in paths.items():
-            cpu_peak(fn, mems["eager" if k == "eager" else "recipe"])
+            cpu_peak(fn, mems["eager" if k.startswith("eager") else "recipe"])
     med = {k: statistics.median(v) for k, v in times.items()}
     step_s = sum(w * med[label] for label, _, w in phases)
-    eager_s = med["eager"]
+    eager_s = sum(w * med[f"eager/{label}"] for label, _, w in phases)
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    eager_cpu = sum(w * med_cpu[f"eager/{label}"] for label, _, w in phases)
+    first = phases[0][0]  # the phase with no lazy regulariser due
     step_cpu = sum(w * med_cpu[label] for label, _, w in phases)
     row = {
         "batch": n,
@@ -330,19 +351,19 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
         "speedup": round(eager_s / step_s, 3),
         # The recipe's step when no lazy regulariser is due against the bare eager step: same work, so this isolates
         # implementation speed from the regularisers' (real, extra) cost.
-        "speedup_unregularised": round(eager_s / med[phases[0][0]], 3),
+        "speedup_unregularised": round(med[f"eager/{first}"] / med[first], 3),
         # Process CPU seconds (all threads): on a shared CPU machine, less sensitive to other load than wall time.
         "step_cpu_s": round(step_cpu, 5),
-        "eager_cpu_s": round(med_cpu["eager"], 5),
-        "cpu_speedup": round(med_cpu["eager"] / step_cpu, 3),
+        "eager_cpu_s": round(eager_cpu, 5),
+        "cpu_speedup": round(eager_cpu / step_cpu, 3),
         "peak_mem_mb": round(mems["recipe"]["peak"] / 2**20, 1),
         "eager_peak_mem_mb": round(mems["eager"]["peak"] / 2**20, 1),
         "mem_kind": "cuda max_memory_allocated"
         if device.type == "cuda"
         else "peak RSS growth over one step after malloc_trim (psutil, 5 ms sampling)",
         "device": describe(device),
-        "repeats": len(times["eager"]),
-        "phase_s": {k: round(v, 5) for k, v in med.items() if k != "eager"},
+        "repeats": len(times[first]),
+        "phase_s": {k: round(v, 5) for k, v in med.items()},
         "phase_weights": {label: round(w, 5) for label, _, w in phases},
         "params_G": sum(p.numel() for p in recipe.G.parameters()),
         "params_D": sum(p.numel() for p in recipe.D.parameters()),
@@ -352,9 +373,10 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
     if flops:
         step_flops = sum(w * flops[label] for label, _, w in phases)
         row["gflop_per_step"] = round(step_flops / 1e9, 3)
-        row["eager_gflop_per_step"] = round(flops["eager"] / 1e9, 3)
+        eager_flops = sum(w * flops[f"eager/{label}"] for label, _, w in phases)
+        row["eager_gflop_per_step"] = round(eager_flops / 1e9, 3)
         row["tflop_per_s"] = round(step_flops / step_s / 1e12, 4)
-        row["eager_tflop_per_s"] = round(flops["eager"] / eager_s / 1e12, 4)
+        row["eager_tflop_per_s"] = round(eager_flops / eager_s / 1e12, 4)
     if device.type == "cuda":
         row["s_per_kimg"] = round(1000 * step_s / n, 3)
         row["eager_s_per_kimg"] = round(1000 * eager_s / n, 3)
