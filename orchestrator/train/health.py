@@ -594,6 +594,22 @@ def _keys(history: Sequence[Mapping[str, Any]], match) -> list[str]:
     return sorted(seen)
 
 
+def _fit_to_live(
+    ax, history: Sequence[Mapping[str, Any]], keys: Sequence[str], live: Sequence[bool], log: bool
+) -> None:
+    """Scale ``ax`` to the ticks that count: a diverged tick a rollback went back over can be 1000× the rest and
+    would flatten every live curve (it stays in the report's table; its marker is clipped)."""
+    ys = [y for key in keys for y in _series(history, key, live)[1] if math.isfinite(y) and (y > 0 or not log)]
+    if not ys:
+        return
+    lo, hi = min(ys), max(ys)
+    if log:
+        ax.set_ylim(lo / 1.5, hi * 1.5)
+    else:
+        pad = 0.08 * (hi - lo) or 0.5 * abs(hi) or 1.0
+        ax.set_ylim(lo - pad, hi + pad)
+
+
 def health_plot(
     history: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
@@ -645,9 +661,10 @@ def health_plot(
         for j, key in enumerate(left):
             style = {"lw": 1.2, "color": f"C{j}", "marker": "o" if key in evaluated else None, "ms": 3}
             ax.plot(*_series(history, key, live), label=key, **style)
-            ax.plot(*_series(history, key, dead), alpha=0.3, **style)
+            ax.plot(*_series(history, key, dead), alpha=0.3, **{**style, "marker": "x", "ms": 5})
         if log:
             ax.set_yscale("log")
+        _fit_to_live(ax, history, left, live, log)
         ax.set_title(title, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
@@ -657,7 +674,8 @@ def health_plot(
                 style = {"lw": 1.2, "ls": "--", "color": f"C{len(left) + j}", "ms": 3}
                 style["marker"] = "s" if key in evaluated else None
                 ax2.plot(*_series(history, key, live), label=key, **style)
-                ax2.plot(*_series(history, key, dead), alpha=0.3, **style)
+                ax2.plot(*_series(history, key, dead), alpha=0.3, **{**style, "marker": "x", "ms": 5})
+            _fit_to_live(ax2, history, right, live, False)
             h2, l2 = ax2.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2
         for step, action in markers.items():
