@@ -8,7 +8,7 @@ Reference = the first n Fashion-MNIST train images, "generated" = the first n te
   go through the network.
 Both FIDs must agree to 1e-3 relative. Results: a rich table and tests/benchmarks/results/fid.json.
 
-Run: cd /work/main && .venv/bin/python tests/benchmarks/bench_fid.py [--n 1000] [--device auto|cpu|cuda]
+Run: make bench-fid, or .venv/bin/python tests/benchmarks/bench_fid.py [--n 500] [--device auto|cpu|cuda]
 GPU: the same code runs on CUDA when present (``--device auto``, the default, picks it); both implementations then
 run there (ours in channels_last with TF32 off), and the threads setting only affects the CPU side.
 """
@@ -79,7 +79,9 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1000, help="images per side")
+    parser.add_argument(
+        "--n", type=int, default=500, help="images per side (500: the whole CPU benchmark in ~10 min on 2 cores)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())

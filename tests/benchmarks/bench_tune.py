@@ -3,7 +3,7 @@
     make bench-tune        (or: .venv/bin/python tests/benchmarks/bench_tune.py [--max-kimg 8 ...])
 
 Starts its own local stack (SeaweedFS, MLflow, a 4-CPU Ray head on free ports), writes Fashion-MNIST shards, and runs
-``orchestrator.tune.sweep.run_sweep`` twice over 6 trials (3 lrs × 2 batch sizes, 2 Ray Train workers per trial,
+``orchestrator.tune.sweep.run_sweep`` twice over 9 trials (3 lrs × 3 batch sizes, 2 Ray Train workers per trial,
 one trial at a time — its 2 workers fill a 2-core machine — metric fd_classifier every ``metric_kimg``): once with
 ASHA (time_attr progress/kimg), once with no scheduler (every trial to max_kimg). Acceptance: ASHA trains on ≥ 3×
 fewer images (kimg) and recommends the same configuration as the full grid. Wall and CPU-seconds are reported too:
@@ -37,8 +37,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "tune.json"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lrs", default="2e-4,1e-3,5e-3")
-    ap.add_argument("--batch-sizes", default="16,32")
-    ap.add_argument("--max-kimg", type=float, default=8.0)
+    ap.add_argument("--batch-sizes", default="16,32,64")
+    # ASHA's rungs at 0.5, 2 and 8 kimg; the grid runs every trial to 12. With one trial at a time the first trial
+    # has nothing to lose to and always runs to the end, so ≥ 9 trials are needed for early stopping to pay ≥ 3×.
+    ap.add_argument("--max-kimg", type=float, default=12.0)
     ap.add_argument("--metric-kimg", type=float, default=0.5)
     ap.add_argument("--grace-kimg", type=float, default=0.5)
     ap.add_argument("--reduction-factor", type=float, default=4.0)
