@@ -102,10 +102,17 @@ def preflight(cfg: JobConfig, env: Env) -> dict:
         from orchestrator.tracking.mlflow import check_server
 
         check_server(env.mlflow_uri)
-    if cfg.train.metric_kimg > 0 and cfg.train.metric == "fd_classifier":
+    # The domain classifier serves fd_classifier and the quality signals' coverage: train it here, once, so no worker
+    # pauses at its first evaluation.
+    if cfg.train.metric_kimg > 0 and (cfg.train.metric == "fd_classifier" or cfg.train.quality_signals):
         from orchestrator.metrics.classifier import ensure_classifier
 
-        ensure_classifier(cfg.data.dataset, env)  # trained once here (driver), so workers only load it
+        try:
+            ensure_classifier(cfg.data.dataset, env)  # trained once here (driver), so workers only load it
+        except Exception:
+            if cfg.train.metric == "fd_classifier":
+                raise
+            # coverage/accuracy are optional signals: the evaluator leaves them out and logs why
     return manifest
 
 
