@@ -232,7 +232,8 @@ class HealthConfig:
     max_rollbacks: int = 3  # K: the next rollback-worthy verdict after K rollbacks is "stop"
     # history (for the report and plot; part of the state, so kept small)
     history_keys: tuple[str, ...] = (
-        "loss/*", "D/*", "health/*", "fid", "fd_*", "precision", "recall", "coverage", "diversity", "accuracy",
+        "loss/*", "D/*", "health/*", "aug/p", "fid", "fd_*", "precision", "recall", "coverage", "diversity",
+        "accuracy",
     )  # fmt: skip
     history_limit: int = 20_000  # ticks kept (oldest dropped)
     # fault injection for fire drills ("lr_spike@STEPxFACTOR", "nan@STEP"; "" = none): see the module docstring

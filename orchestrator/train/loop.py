@@ -119,8 +119,19 @@ def apply_fire_drill(recipe, drill, lr_scale: float) -> None:
             next(recipe.G.parameters()).fill_(math.nan)
 
 
+def quiet_ray_reports() -> None:
+    """One line per report is ours, not Ray's: Ray Train V2 logs every ``report`` at INFO through a logger named by
+    its module's file path (not under ``ray.train``), which its worker logging config sends to the console."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:  # another Ray layout: at worst the per-report lines come back
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is ours, not Ray's
+    quiet_ray_reports()
     cfg = JobConfig.from_dict(loop_config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -311,37 +322,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if verdict.event is not None:
             log_event(verdict.event)
 
-        if verdict.action == ROLLBACK:
+        if verdict.action in (ROLLBACK, STOP):
             # Back to the last healthy checkpoint's weights, optimiser moments and counters; the data stream and
             # RNGs go on (the same batches would lead to the same place), the monitor keeps its rollback count.
-            recipe.load_state_dict(copy_state(good.recipe, device))
-            recipe.set_lr_scale(verdict.lr_scale)
             bad_step, step, tick = step, good.step, good.tick
+            recipe.load_state_dict(copy_state(good.recipe, device))
             quality.clear()
             quality.update(copy.deepcopy(good.quality))
             prev_kimg = step * global_batch / 1000.0
+            if evaluator:
+                metrics[f"checkpoint/{metric}"] = math.inf  # the checkpoint below holds restored, unmeasured weights
+        if verdict.action == ROLLBACK:
+            recipe.set_lr_scale(verdict.lr_scale)
             lrs = ", ".join(f"{k} {v:.3g}" for k, v in (verdict.lrs or {}).items())
             if rank == 0:
                 print(f"health: rolled back from step {bad_step} to step {step} (rollback {monitor.rollbacks}/"
                       f"{cfg.health.max_rollbacks}); learning rates now {lrs}", flush=True)  # fmt: skip
-            if evaluator:
-                metrics[f"checkpoint/{metric}"] = math.inf  # the checkpoint below holds restored, unmeasured weights
             # A checkpoint of the restored state with the lowered lrs and the monitor's count: a crash from here
             # resumes where the guard left it, not before the rollback.
             good = save_checkpoint(metrics, None)
         elif verdict.action == STOP:
-            stop_reason = f"at step {step}: {verdict.reason}"
+            stop_reason = f"at step {bad_step}: {verdict.reason}"
             if logger:
                 logger.set_tag("health.stop_reason", stop_reason[:5000])
             # The run's last checkpoint holds the last healthy state again, never the diverged weights, and its
             # report carries the reason to the driver (Ray's result is the latest checkpoint's report), which fails
             # the run with it. Resubmitting the run with a larger health.max_rollbacks continues from there.
-            recipe.load_state_dict(copy_state(good.recipe, device))
-            step, tick = good.step, good.tick
-            quality.clear()
-            quality.update(copy.deepcopy(good.quality))
-            if evaluator:
-                metrics[f"checkpoint/{metric}"] = math.inf
             save_checkpoint({**metrics, STOP_REASON: stop_reason}, None)
             break
         elif tick % cfg.train.checkpoint_ticks == 0 or last or evaluated:
