@@ -480,8 +480,9 @@ def main() -> None:
         table.add_row(*cells)
     console.print(table)
     console.print(
-        "step s: recipe step amortised over its lazy regularisers (+ EMA); eager: bare D + G step, no regularisers, "
-        "no EMA; speedup = eager / recipe; unreg. speedup: against the recipe's step with no regulariser due; "
+        "step s: recipe step amortised over its lazy regularisers (+ EMA); eager: plain D + G step with the same lazy "
+        "regularisers written plainly, no EMA; speedup = eager / recipe; unreg. speedup: the same on steps with no "
+        "regulariser due; "
         "median of interleaved repeats; CPU s: process CPU time (all threads), steadier than wall time on a shared "
         "machine"
     )
