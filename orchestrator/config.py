@@ -276,7 +276,7 @@ def known_metrics() -> list[str]:
     from orchestrator.metrics import classifier, features  # classifier registers the `classifier` extractor
 
     del classifier
-    return sorted(features.metric_name(n) for n in features._FACTORIES)
+    return sorted(features.metric_name(n) for n in features.registered())
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:

@@ -134,3 +134,8 @@ def get_extractor(name: str = STANDARD_NETWORK, **kwargs: object) -> FeatureExtr
     if name not in _FACTORIES:
         raise KeyError(f"unknown feature extractor {name!r}; registered: {', '.join(sorted(_FACTORIES))}")
     return _FACTORIES[name](**kwargs)
+
+
+def registered() -> list[str]:
+    """Names of the registered feature extractors (``inception`` plus domain extractors such as ``classifier``)."""
+    return sorted(_FACTORIES)
