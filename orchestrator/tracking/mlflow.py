@@ -8,6 +8,7 @@ the server answers: an outage costs no steps and loses no metrics (up to ``max_b
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -108,6 +109,17 @@ def close_run(info: RunInfo, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 
     MlflowClient(info.tracking_uri).set_terminated(info.run_id, status=status)
+
+
+@contextlib.contextmanager
+def failed_on_error(info: RunInfo | None):
+    """Ends ``info``'s run as FAILED when the block raises, then re-raises; ``None`` (tracking off) does nothing."""
+    try:
+        yield
+    except Exception:
+        if info is not None:
+            close_run(info, status="FAILED")
+        raise
 
 
 class BackgroundLogger:

@@ -196,14 +196,10 @@ def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None
     device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
     log(f"training {cfg.model_name} on {cfg.train.num_workers} worker(s), {device}, "
         f"checkpoints → s3://{trainer.run_config.storage_path}/{name}")  # fmt: skip
-    try:
-        result = trainer.fit()
-    except Exception:
-        if run:
-            from orchestrator.tracking.mlflow import close_run
+    from orchestrator.tracking.mlflow import failed_on_error
 
-            close_run(run, status="FAILED")
-        raise
+    with failed_on_error(run):
+        result = trainer.fit()
 
     checkpoint_uri = f"s3://{result.checkpoint.path}" if result.checkpoint else None
     _raise_if_stopped(result.metrics or {}, name, checkpoint_uri, run)

@@ -189,7 +189,7 @@ def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> Sweep
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from orchestrator.data.shards import manifest_hash
-    from orchestrator.tracking.mlflow import close_run, open_run
+    from orchestrator.tracking.mlflow import failed_on_error, open_run
     from orchestrator.train.trainer import connect_ray, git_sha, preflight, storage
     from orchestrator.tune import report
 
@@ -243,12 +243,8 @@ def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> Sweep
     )
     log(f"sweep {sweep.name}: {sweep.trials} trials × {sweep.num_workers} workers, {concurrent} at a time, "
         f"{sweep.scheduler} on {sweep.metric} over progress/kimg ≤ {sweep.max_kimg}")  # fmt: skip
-    try:
+    with failed_on_error(parent):
         grid = tuner.fit()
-    except Exception:
-        if parent:
-            close_run(parent, status="FAILED")
-        raise
 
     records = report.records_from_results(grid, sweep)
     out = Path(sweep.output_dir).resolve() / sweep.name
