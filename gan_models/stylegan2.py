@@ -410,12 +410,14 @@ class Generator(nn.Module):
         c = labels_to_onehot(c, self.c_dim, z.shape[0], z.device)
         ws = self.mapping(z, c, truncation_psi, truncation_cutoff)
         if style_mixing_prob > 0:
-            cutoff = int(torch.randint(1, self.num_ws, [])) if self.num_ws > 1 else self.num_ws
-            if float(torch.rand([])) >= style_mixing_prob:
-                cutoff = self.num_ws
-            if cutoff < self.num_ws:
-                ws2 = self.mapping(torch.randn_like(z), c, truncation_psi, truncation_cutoff, update_w_avg=False)
-                ws = torch.cat([ws[:, :cutoff], ws2[:, cutoff:]], dim=1)
+            # As NVlabs: the second mapping always runs and the cutoff stays a tensor, so torch.compile traces one
+            # graph instead of one per cutoff value (and no host sync per step).
+            dev = z.device
+            cutoff = torch.randint(1, max(self.num_ws, 2), [], device=dev)
+            keep = torch.rand([], device=dev) >= style_mixing_prob
+            cutoff = torch.where(keep, torch.full_like(cutoff, self.num_ws), cutoff)
+            ws2 = self.mapping(torch.randn_like(z), c, truncation_psi, truncation_cutoff, update_w_avg=False)
+            ws = torch.where(torch.arange(self.num_ws, device=dev)[None, :, None] >= cutoff, ws2, ws)
         img = self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
         return (img, ws) if return_ws else img
 
