@@ -74,7 +74,9 @@ def connect_ray(cfg: JobConfig, env: Env) -> None:
         # A dashboard URL is for `ray job submit`; a script run directly gets its own local Ray instead.
         os.environ.pop("RAY_ADDRESS")
         address = ""
-    runtime_env = {"env_vars": {**env.worker_environ(), **RAY_LOCAL_ENV}}
+    # Ray Train V2 turns a worker's print into a log record and also tees it to stdout once anything (MLflow, rich)
+    # has wrapped sys.stdout: every progress line reached the driver twice. Plain prints arrive once.
+    runtime_env = {"env_vars": {**env.worker_environ(), **RAY_LOCAL_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     if address and address != "auto":
         # Ray Train's detached PlacementGroupCleaner asks the state API whether a (killed) controller is alive; with
         # several Ray instances on one host that API cannot pick one unless RAY_ADDRESS names it, and the cleaner

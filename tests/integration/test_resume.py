@@ -84,7 +84,7 @@ def test_stop_and_resume_is_bit_exact(stack, s3, dataset, straight):
     assert final_state(s3, name)["step"] == 4
     # re-submitting the same run name continues from its latest checkpoint in S3
     out = finish(start(stack, dataset, name, 8, ["train.tick_steps=2", "train.checkpoint_ticks=1"]))
-    assert "step      6/8" in out  # it continued at step 5, not from scratch
+    assert out.count("step      6/8") == 1  # it continued at step 5, not from scratch; each line printed once
     assert "step      2/8" not in out
     assert_same_weights(final_state(s3, name), straight)
 
