@@ -75,8 +75,10 @@ def connect_ray(cfg: JobConfig, env: Env) -> None:
         os.environ.pop("RAY_ADDRESS")
         address = ""
     # Ray Train V2 turns a worker's print into a log record and also tees it to stdout once anything (MLflow, rich)
-    # has wrapped sys.stdout: every progress line reached the driver twice. Plain prints arrive once.
-    runtime_env = {"env_vars": {**env.worker_environ(), **RAY_LOCAL_ENV, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    # has wrapped sys.stdout: every progress line reached the driver twice. Plain prints arrive once. MKL_CBWR: the
+    # same reproducible BLAS code path as the driver (orchestrator/__init__.py); workers import torch before us.
+    worker_env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO")}
+    runtime_env = {"env_vars": {**env.worker_environ(), **RAY_LOCAL_ENV, **worker_env}}
     if address and address != "auto":
         # Ray Train's detached PlacementGroupCleaner asks the state API whether a (killed) controller is alive; with
         # several Ray instances on one host that API cannot pick one unless RAY_ADDRESS names it, and the cleaner
