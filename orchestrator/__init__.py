@@ -2,9 +2,9 @@
 
 import os
 
-# MKL (torch's CPU BLAS) may pick kernels by buffer alignment, so the same matmul could round differently from one
-# process to the next: seen as 1 in ~24 `ganforge sample` runs giving a different PNG for the same seed. Its
-# conditional-numerical-reproducibility mode fixes the code path per machine; it must be set before MKL first runs.
+# Same seed, same bits across processes: 1 in ~24 `ganforge sample` runs wrote a different PNG for the same seed.
+# MKL (torch's CPU BLAS) choosing kernels by buffer alignment is the documented cause of such run-to-run differences;
+# its conditional-numerical-reproducibility mode fixes the code path per machine. Set before MKL first runs.
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 __version__ = "0.1.0"
