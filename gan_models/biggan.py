@@ -22,7 +22,7 @@ from torch import nn
 from gan_models import layers, losses
 from gan_models.ema import frozen, make_ema, update_ema
 from gan_models.losses import get_loss
-from gan_models.steps import LrScale, guarded_step, micro_batches, sync_if
+from gan_models.steps import LrScale, guarded_step, micro_batches, sign_accuracy, sync_if
 from orchestrator.train.recipe import Wrap
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
@@ -414,8 +414,7 @@ class Recipe:
             sums["loss/D"] += float(loss_d.detach())
             sums["D/real"] += float(real_logits.detach().mean())
             sums["D/fake"] += float(fake_logits.detach().mean())
-            sums["health/D_sign_acc"] += float(((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
-                                               / 2)  # fmt: skip
+            sums["health/D_sign_acc"] += sign_accuracy(real_logits, fake_logits)
             # Penalties: extra forwards through the eager D, reusing this step's spectral norms.
             if gp_weight:
                 with layers.power_iteration_off(self.D), sync_if(self.D_eager, last and not r1_gamma):

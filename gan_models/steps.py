@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,14 +41,37 @@ def sync_if(module: nn.Module, last: bool):
     return getattr(module, "no_sync", contextlib.nullcontext)()
 
 
+def sign_accuracy(real_logits: Any, fake_logits: Any) -> float:
+    """Fraction of D's decisions on the right side of 0: (#[D(x) > 0] + #[D(G(z)) < 0]) / (#real + #fake).
+
+    Takes tensors (any shape, any device), arrays or sequences of logits; 0.5 is chance, 1.0 a D that separates
+    every real from every fake. Logits of exactly 0 count as wrong.
+    """
+    real = torch.as_tensor(real_logits).detach().flatten()
+    fake = torch.as_tensor(fake_logits).detach().flatten()
+    n = real.numel() + fake.numel()
+    if n == 0:
+        raise ValueError("sign_accuracy needs at least one logit")
+    return float(((real > 0).sum() + (fake < 0).sum()).item()) / n
+
+
+def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
+    """Total L2 norm of the ``.grad`` of ``parameters`` (those without a grad are skipped): ``health/grad_norm_*``.
+
+    NaN/inf when any gradient holds one (the nonfinite rule catches it); 0.0 when no parameter has a gradient."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def guarded_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> tuple[float, bool]:
     """Steps ``opt`` only if every gradient is finite. Returns (total gradient L2 norm, stepped).
 
     A NaN/inf gradient would poison Adam's moments for good; skipping the step keeps the weights healthy and the
     health monitor sees the flag. Under DDP the gradients are already all-reduced, so every rank decides alike.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    norm = grad_norm(params)
     if math.isfinite(norm):
         opt.step()
         return norm, True

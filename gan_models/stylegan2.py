@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_models import augment, ema, losses
-from gan_models.steps import LrScale, guarded_step, micro_batches, sync_if
+from gan_models.steps import LrScale, guarded_step, micro_batches, sign_accuracy, sync_if
 from gan_models.stylegan2_ops import (
     Conv2dLayer,
     FullyConnectedLayer,
@@ -704,8 +704,7 @@ class Recipe:
             sums["loss/D"] += float(loss_fake.detach() + loss_real.detach())
             sums["D/real"] += float(real_logits.mean())
             sums["D/fake"] += float(fake_logits.mean())
-            sums["health/D_sign_acc"] += float(((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
-                                               / 2)  # fmt: skip
+            sums["health/D_sign_acc"] += sign_accuracy(real_logits, fake_logits)
             self.ada_sign_sum += float(real_logits.sign().sum())
             self.ada_sign_count += len(idx)
         d_norm, ok = guarded_step(self.opt_D, self.D.parameters())

@@ -66,13 +66,15 @@ import io
 import math
 import os
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from gan_models.steps import grad_norm, sign_accuracy  # measured by the recipes, re-exported as health signals
 
 __all__ = [
     "ACTIONS",
@@ -104,30 +106,6 @@ _STATE_VERSION = 1
 
 class TrainingStopped(RuntimeError):
     """The divergence guard stopped a run (rollbacks used up); the message is one line with the rule that fired."""
-
-
-def sign_accuracy(real_logits: Any, fake_logits: Any) -> float:
-    """Fraction of D's decisions on the right side of 0: (#[D(x) > 0] + #[D(G(z)) < 0]) / (#real + #fake).
-
-    Takes tensors (any shape, any device), arrays or sequences of logits; 0.5 is chance, 1.0 a D that separates
-    every real from every fake. Logits of exactly 0 count as wrong.
-    """
-    real = torch.as_tensor(real_logits).detach().flatten()
-    fake = torch.as_tensor(fake_logits).detach().flatten()
-    n = real.numel() + fake.numel()
-    if n == 0:
-        raise ValueError("sign_accuracy needs at least one logit")
-    return float(((real > 0).sum() + (fake < 0).sum()).item()) / n
-
-
-def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
-    """Total L2 norm of the ``.grad`` of ``parameters`` (those without a grad are skipped): ``health/grad_norm_*``.
-
-    NaN/inf when any gradient holds one (the nonfinite rule catches it); 0.0 when no parameter has a gradient."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def ema_drift(G: torch.nn.Module, G_ema: torch.nn.Module) -> float:
