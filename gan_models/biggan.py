@@ -400,7 +400,8 @@ class Recipe:
         self.opt_D.zero_grad(set_to_none=True)
         parts = self._split(n)
         alpha = torch.rand(n, 1, 1, 1, device=self.device) if gp_weight else None  # one draw for all micro-batches
-        sums = dict.fromkeys(("loss/D", "D/real", "D/fake", "health/D_sign_acc", "loss/gp", "loss/r1"), 0.0)
+        penalties = [k for k, on in (("loss/gp", gp_weight), ("loss/r1", r1_gamma)) if on]
+        sums = dict.fromkeys(["loss/D", "D/real", "D/fake", "health/D_sign_acc", *penalties], 0.0)
         for i, idx in enumerate(parts):
             last = i == len(parts) - 1
             # Real and fake in one forward, so DDP and the SN power iteration see one forward per backward; only
@@ -435,8 +436,7 @@ class Recipe:
         d_norm, d_ok = guarded_step(self.opt_D, self.D.parameters())
         self.d_steps += 1
 
-        metrics = {k: v / len(parts) for k, v in sums.items() if k in ("loss/D", "D/real", "D/fake",
-                   "health/D_sign_acc") or (k == "loss/gp" and gp_weight) or (k == "loss/r1" and r1_gamma)}  # fmt: skip
+        metrics = {k: v / len(parts) for k, v in sums.items()}
         metrics["health/grad_norm_D"] = d_norm
         nonfinite = not d_ok
         if self.d_steps % self.hp.n_d == 0:

@@ -682,7 +682,8 @@ class Recipe:
         self.opt_D.zero_grad(set_to_none=True)
         with torch.no_grad():
             fake = self._run_G(torch.randn(n, self.z_dim, device=self.device), c).to(images.dtype)
-        sums = dict.fromkeys(("loss/D", "D/real", "D/fake", "health/D_sign_acc", "loss/gp"), 0.0)
+        penalties = ["loss/gp"] if gp_weight else []
+        sums = dict.fromkeys(["loss/D", "D/real", "D/fake", "health/D_sign_acc", *penalties], 0.0)
         alpha = torch.rand(n, 1, 1, 1, device=self.device) if gp_weight else None  # one draw for all micro-batches
         for i, idx in enumerate(parts):
             last = i == k - 1
@@ -709,7 +710,7 @@ class Recipe:
             self.ada_sign_count += len(idx)
         d_norm, ok = guarded_step(self.opt_D, self.D.parameters())
         nonfinite |= not ok
-        metrics.update({key: v / k for key, v in sums.items() if key != "loss/gp" or gp_weight})
+        metrics.update({key: v / k for key, v in sums.items()})
         metrics["health/grad_norm_D"] = d_norm
 
         # Dreg: R1 on reals every r1_interval steps, weighted by the interval.
