@@ -15,13 +15,23 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _active() -> bool:
+def active() -> bool:
+    """More than one rank in an initialised process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj, src: int = 0):
+    """``src``'s ``obj`` on every rank (any picklable value); itself on a single process."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 @torch.no_grad()
 def broadcast_buffers(modules: dict[str, nn.Module], src: int = 0) -> None:
-    if not _active():
+    if not active():
         return
     for module in modules.values():
         for buf in module.buffers():
@@ -41,7 +51,7 @@ def fingerprint(modules: dict[str, nn.Module]) -> dict[str, str]:
 def assert_in_sync(modules: dict[str, nn.Module]) -> dict[str, str]:
     """Raise if any rank's parameters or buffers differ from rank 0's; returns this rank's fingerprint."""
     mine = fingerprint(modules)
-    if not _active():
+    if not active():
         return mine
     every: list[dict[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)

@@ -50,6 +50,7 @@ from orchestrator.metrics.diversity import class_report, diversity_score, mean_p
 from orchestrator.metrics.features import STANDARD_NETWORK, FeatureExtractor, get_extractor
 from orchestrator.metrics.fid import FeatureStats, frechet_distance, reference_key
 from orchestrator.metrics.precision_recall import precision_recall
+from orchestrator.train import ddp
 
 log = logging.getLogger(__name__)
 
@@ -162,22 +163,10 @@ def quality_signals(
     return out, report
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _broadcast(obj):
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of ``x`` (counts may differ; trailing dims and dtype must not), concatenated in rank order,
     on every rank."""
-    if not _distributed():
+    if not ddp.active():
         return x
     world = dist.get_world_size()
     n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
@@ -271,7 +260,8 @@ class Evaluator:
             data = self.store.get(stats_key) if self.rank == 0 else None
             if set_key and self.rank == 0:
                 self._real_set = self._read_set(set_key)
-            self.ref_cached, set_cached = _broadcast((data is not None, set_key is None or self._real_set is not None))
+            found = (data is not None, set_key is None or self._real_set is not None)
+            self.ref_cached, set_cached = ddp.broadcast_object(found)
             if self.ref_cached:
                 self._ref = FeatureStats.from_bytes(data if self.rank == 0 else self.store.get(stats_key))
             if not (self.ref_cached and set_cached):
@@ -316,7 +306,7 @@ class Evaluator:
         data_cfg = dataclasses.replace(self.cfg.data, hflip=False, batch_size=min(256, self.ref_n))
         loader = ShardLoader(data_cfg, rank=self.rank, world_size=self.world, device=self.device, env=self.env)
         sizes = [loader.epoch_size] * self.world
-        if _distributed():
+        if ddp.active():
             dist.all_gather_object(sizes, loader.epoch_size)
         stats_share = proportional_shares(self.ref_n, sizes)[self.rank] if want_stats else 0
         set_share = proportional_shares(self.pr_n, sizes)[self.rank] if want_set else 0
@@ -337,7 +327,7 @@ class Evaluator:
                 seen += len(feats)
         finally:
             loader.close()
-        if want_stats and _distributed():
+        if want_stats and ddp.active():
             stats.all_reduce()
         real_set = None
         if want_set:
@@ -381,7 +371,7 @@ class Evaluator:
                 ensure_classifier(self.cfg.data.dataset, self.env, train=True, progress=False, log=print)
             except Exception as e:  # an auxiliary signal: say why and keep training
                 error = f"no domain classifier ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        error = _broadcast(error)
+        error = ddp.broadcast_object(error)
         if error is None:
             model = load_extractor(self.cfg.data.dataset, self.env, device=self.device)
             if model.model.arch.num_classes != self.num_classes:
@@ -422,7 +412,7 @@ class Evaluator:
                 logits.append(self._logits(images, feats))
                 if c is not None:
                     labels.append(c.to(logits[-1].device))
-        if _distributed():
+        if ddp.active():
             stats.all_reduce()
         out = Generated(stats, None, None, None)
         if self._set_key():  # every rank joins the gather, even one whose share is empty
@@ -441,7 +431,7 @@ class Evaluator:
             real = self._real_set if gen.feats is not None else None
             result = quality_signals(real, gen.feats, real_spread=self._real_spread, logits=gen.logits,
                                      labels=gen.labels)  # fmt: skip
-        self.last_signals, self.last_class_report = _broadcast(result)
+        self.last_signals, self.last_class_report = ddp.broadcast_object(result)
         return self.last_signals
 
     def evaluate(self) -> float:

@@ -97,7 +97,7 @@ def reduce_tick(sums: Mapping[str, float], counts: Mapping[str, int]) -> dict[st
     """The tick's mean of every signal over all steps of all ranks (Σ values / Σ counts, float64), identical on
     every rank, so every rank's health monitor reaches the same verdict. A NaN/inf on one rank makes the mean
     non-finite everywhere. A signal only some ranks reported is averaged over the steps that reported it."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not ddp.active():
         return {k: float(v) / counts[k] for k, v in sums.items()}
     every: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(every, sorted(sums))
