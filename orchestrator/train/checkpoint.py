@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,15 @@ def load_rank(directory: str | Path, rank: int) -> dict[str, Any] | None:
     """This rank's state, or None when the checkpoint came from a run with fewer ranks."""
     path = Path(directory) / rank_file(rank)
     return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def restore(checkpoint: Any, rank: int, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Any]:
+    """(shared state, this rank's state or None) of a Ray Train checkpoint.
+
+    Every rank downloads into its own directory. Ray's ``as_directory`` shares one download directory between the
+    processes of a node, and a rank that enters after another's download finished downloads again over the files
+    the first is still reading (seen in CI as a torch.load "file read failed" right after a matching checksum).
+    """
+    with tempfile.TemporaryDirectory(prefix=f"ganforge-restore-{rank}-") as d:
+        checkpoint.to_directory(d)
+        return load_shared(d, map_location=map_location), load_rank(d, rank)

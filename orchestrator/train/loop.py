@@ -156,9 +156,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     drill, drill_done = cfg.health.drill, False
     restored = ray.train.get_checkpoint()
     if restored:
-        with restored.as_directory() as d:
-            shared = ckpt.load_shared(d, map_location=device)
-            mine = ckpt.load_rank(d, rank)
+        shared, mine = ckpt.restore(restored, rank, map_location=device)
         recipe.load_state_dict(shared["recipe"])
         step, tick = shared["step"], shared["tick"]
         quality.update(shared.get("quality", {}))

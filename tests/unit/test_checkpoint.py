@@ -47,3 +47,30 @@ def test_meta_records_checksum(tmp_path):
     ckpt.save(tmp_path, rank=0, rank_state={}, shared={"a": 1}, meta={"git_sha": "abc"})
     meta = json.loads((tmp_path / ckpt.META).read_text())
     assert meta["files"][ckpt.STATE] == ckpt.sha256_file(tmp_path / ckpt.STATE) and meta["git_sha"] == "abc"
+
+
+def test_ranks_restore_from_a_remote_checkpoint_into_private_directories(tmp_path):
+    """Ray's shared ``as_directory`` download let one rank rewrite files another was reading; ``restore`` gives each
+    rank its own copy, so ranks restoring at overlapping times all read whole files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    remote = pyarrow.fs._MockFileSystem()  # an in-memory filesystem that Ray treats as remote
+    local = tmp_path / "ckpt"
+    big = torch.randn(256, 1024)  # 1 MiB: long enough to read that overlapping restores really overlap
+    ckpt.save(local, rank=0, rank_state={"loader": {"pos": 0}}, shared={"w": big}, meta={"step": 7})
+    ckpt.save(local, rank=1, rank_state={"loader": {"pos": 1}}, shared=None, meta=None)
+    remote.create_dir("ckpt")
+    pyarrow.fs.copy_files(str(local), "ckpt", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=remote)  # fmt: skip
+    checkpoint = Checkpoint("ckpt", filesystem=remote)
+
+    def restore(rank: int) -> tuple[bool, int]:
+        shared, mine = ckpt.restore(checkpoint, rank)
+        return torch.equal(shared["w"], big), mine["loader"]["pos"]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(restore, [0, 1] * 6))
+    assert results == [(True, 0), (True, 1)] * 6
