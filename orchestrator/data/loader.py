@@ -21,6 +21,7 @@ exactly once.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import logging
@@ -419,6 +420,10 @@ class ShardLoader:
                                     "changed after the manifest was written; re-write the dataset")  # fmt: skip
 
     def _start(self) -> None:
+        # The stream allocates a few container objects per sample that live just long enough to be promoted, so
+        # full collections keep coming, and each re-scans every object alive at start-up (torch, Ray, MLflow,
+        # botocore: ~350k). Freezing those long-lived objects cut the loader's CPU per image at 64² from ~81 to ~70 µs.
+        gc.freeze()
         self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._failure: Exception | None = None
