@@ -32,13 +32,14 @@ REPORT_MD, PLOT_PNG, EVENTS_JSON = "report.md", "health.png", "events.json"
 
 
 def write_report(events: Sequence[HealthEvent], history: Sequence[Mapping[str, Any]], directory: str | os.PathLike,
-                 *, note: str = "") -> Path:  # fmt: skip
+                 *, note: str = "", stopped: bool | None = None) -> Path:  # fmt: skip
     """``report.md`` + ``health.png`` + ``events.json`` in ``directory``; returns the markdown's path. ``note`` (one
-    line) goes under the report's heading, e.g. where a rebuilt report came from."""
+    line) goes under the report's heading, e.g. where a rebuilt report came from; ``stopped`` as in
+    :func:`~orchestrator.train.health.health_report_markdown`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     health_plot(history, d / PLOT_PNG, events)
-    markdown = health_report_markdown(events, history, plot_path=PLOT_PNG)
+    markdown = health_report_markdown(events, history, plot_path=PLOT_PNG, stopped=stopped)
     if note:
         head, _, rest = markdown.partition("\n\n")
         markdown = f"{head}\n\n_{note}_\n\n{rest}"

@@ -704,15 +704,22 @@ def health_report_markdown(
     events: Sequence[HealthEvent],
     history: Sequence[Mapping[str, Any]],
     plot_path: str | os.PathLike | None = None,
+    stopped: bool | None = None,
 ) -> str:
     """The "Training health" section of a run report: a one-line status, a table of the key signals (last value,
     and min/max or best), every event (tick, step, action, rule, signals, reason, learning rates), and an image link
-    to ``plot_path`` when given."""
+    to ``plot_path`` when given. ``stopped``: whether the run ended stopped, as the loop knows it (a stopped run
+    resubmitted with a larger rollback budget keeps its stop event, yet finished); None infers it from the events."""
     rollbacks = sum(e.action == ROLLBACK for e in events)
     stops = [e for e in events if e.action == STOP]
     warns = sum(e.action == WARN for e in events)
-    if stops:
+    if stopped is None:
+        stopped = bool(stops)
+    if stopped and stops:
         status = f"**stopped** at step {stops[-1].step} after {rollbacks} rollback(s): {stops[-1].kind}"
+    elif stops:
+        status = f"resumed after a stop at step {stops[-1].step} ({stops[-1].kind}) and finished; {rollbacks} " \
+            f"rollback(s), learning-rate scale now {_fmt(events[-1].lr_scale)}"  # fmt: skip
     elif rollbacks:
         status = f"recovered: {rollbacks} rollback(s), learning-rate scale now {_fmt(events[-1].lr_scale)}"
         status = status if not warns else f"{status}; {warns} warning(s)"

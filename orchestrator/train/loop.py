@@ -365,7 +365,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         logger.set_tag("health.status", status)
         logger.set_tag("health.rollbacks", str(monitor.rollbacks))
         try:
-            write_report(monitor.events, monitor.history, health_dir)
+            write_report(monitor.events, monitor.history, health_dir, stopped=bool(stop_reason))
             logger.log_artifacts(str(health_dir), "health")
         except Exception as e:  # a report that cannot be drawn must not fail a finished run
             print(f"health: report not written ({type(e).__name__}: {e})", flush=True)

@@ -161,6 +161,9 @@ def test_no_rollbacks_left_stops_the_run_with_a_one_line_reason(stack, s3, datas
     final = checkpoint_states(s3, name)[-1]
     assert final["step"] == 40 and not final["health"]["stopped"] and final["health"]["rollbacks"] == 0
     assert all(t.isfinite().all() for t in final["recipe"]["G"].values() if t.is_floating_point())
+    cli = subprocess.run([CLI, "report", name, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "resumed after a stop at step 40 (nonfinite) and finished" in cli.stdout and "**stopped**" not in cli.stdout
 
 
 def test_report_rebuilds_an_older_run_from_its_metric_history(stack, mlflow_client, tmp_path):

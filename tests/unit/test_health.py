@@ -274,6 +274,9 @@ def test_report_markdown_lists_events():
     stop = HealthEvent(3, 60, "nonfinite", ["nonfinite"], {"loss/D": math.nan}, "a | b", "stop", 0.25)
     md = health_report_markdown([stop], [{"tick": 3, "step": 60, "loss/D": math.nan}])
     assert "**stopped** at step 60" in md and "a \\| b" in md
+    # resubmitted with a larger rollback budget, the run finished: its stop event stays, the status says so
+    md = health_report_markdown([stop], [{"tick": 3, "step": 60}], stopped=False)
+    assert "**stopped**" not in md and "resumed after a stop at step 60 (nonfinite) and finished" in md
 
 
 def test_plot_is_a_png_with_content(tmp_path):
