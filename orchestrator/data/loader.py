@@ -512,7 +512,12 @@ class ShardLoader:
             at = w * self.window + k
             after = max(after, (epoch, at) if at < self.epoch_size else (epoch + 1, 0))
         self._pending.append((after, skipped, kept))
-        return ([x[0] for x, _ in kept], np.array([x[1] for x, _ in kept], np.int64),
+        # One zero-padded array instead of a list: DALI takes a dense batch in one call, where a list costs it a
+        # conversion per sample (~8 µs/img at 64²). Decoders stop at the image's end marker; the zeros are ignored.
+        encoded = np.zeros((len(kept), max(len(x[0]) for x, _ in kept)), np.uint8)
+        for i, (x, _) in enumerate(kept):
+            encoded[i, : len(x[0])] = x[0]
+        return (encoded, np.array([x[1] for x, _ in kept], np.int64),
                 np.array([f for _, f in kept], np.int32), np.array([x[2] for x, _ in kept], bool))  # fmt: skip
 
     def _recover_from_decode_error(self) -> None:
