@@ -6,9 +6,11 @@ import collections
 import dataclasses
 import hashlib
 import json
+import struct
 import threading
 import time
 import uuid
+import zlib
 
 import numpy as np
 import pytest
@@ -82,9 +84,10 @@ def test_manifest_in_bucket(s3, dataset):
     assert len(manifest_hash(manifest)) == 64
 
 
-def test_batches_match_the_numpy_data(dataset, reference):
+@pytest.mark.parametrize("threads", [1, 3])  # 3: three single-threaded DALI pipelines taking batches in turn
+def test_batches_match_the_numpy_data(dataset, reference, threads):
     uri, _ = dataset
-    with ShardLoader(_cfg(uri), rank=0, world_size=1) as loader:
+    with ShardLoader(_cfg(uri, num_threads=threads), rank=0, world_size=1) as loader:
         assert (loader.resolution, loader.num_classes, len(loader.shards)) == (32, 10, N // PER_SHARD)
         x, y = _epoch(loader)
     assert x.shape == (N, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -111,9 +114,10 @@ def test_two_ranks_are_disjoint_and_cover_the_epoch(dataset, reference):
         ShardLoader(_cfg(uri), rank=0, world_size=N // PER_SHARD + 1)
 
 
-def test_resume_continues_with_the_next_sample(dataset):
+@pytest.mark.parametrize("threads", [(1, 1), (3, 2)])  # the stream does not depend on how many pipelines decode it
+def test_resume_continues_with_the_next_sample(dataset, threads):
     uri, _ = dataset
-    cfg = _cfg(uri, hflip=True, batch_size=48)
+    cfg = _cfg(uri, hflip=True, batch_size=48, num_threads=threads[0])
     with ShardLoader(cfg) as loader:
         it = iter(loader)
         for _ in range(7):  # stop mid-window (window 256) and mid-shard
@@ -121,7 +125,7 @@ def test_resume_continues_with_the_next_sample(dataset):
         state = json.loads(json.dumps(loader.state_dict()))
         expected = [next(it) for _ in range(90)]  # runs past the epoch end (4000 / 48)
     assert state["position"] == 7 * 48 and expected[-1][0].shape[0] == 48
-    with ShardLoader(cfg) as resumed:
+    with ShardLoader(dataclasses.replace(cfg, num_threads=threads[1])) as resumed:
         resumed.load_state_dict(state)
         it = iter(resumed)
         for i, (x, y) in enumerate(expected):
@@ -186,6 +190,36 @@ def test_corrupt_image_is_skipped_and_counted(s3, dataset, reference):
     with ShardLoader(_cfg(bad_uri, batch_size=40)) as loader:
         x, _ = _epoch(loader)
         assert loader.skipped == 1 and loader.checksum_errors == 1
+    assert len(x) == N - 1
+    lost = _counts(reference[0]) - _counts(_to_uint8(x))
+    assert sum(lost.values()) == 1
+
+
+def test_image_only_the_decoder_rejects_is_skipped(s3, dataset, reference, caplog):
+    """Scrambled PNG data under a recomputed CRC passes the cheap checks; DALI fails on its batch, the loader finds
+    the bad image with PIL and sends the rest of the batch again, in stream order, with several pipelines."""
+    uri, _ = dataset
+    bad_uri, prefix = _copy_dataset(s3, uri)
+    key = f"{prefix}/train-000001.tar"
+    tar = bytearray(s3.get_object(Bucket="ganforge", Key=key)["Body"].read())
+    idx = s3.get_object(Bucket="ganforge", Key=f"{prefix}/train-000001.idx")["Body"].read().decode().splitlines()
+    _, offset, size = idx[20].split()[:3]  # sample 20 of the shard
+    pos, end = int(offset) + 8, int(offset) + int(size)
+    while pos < end:  # PNG chunks: length, type, data, CRC
+        length, kind = struct.unpack(">I", tar[pos : pos + 4])[0], bytes(tar[pos + 4 : pos + 8])
+        if kind == b"IDAT":
+            for i in range(pos + 10, pos + 8 + length, 3):  # past the zlib header
+                tar[i] ^= 0xA5
+            tar[pos + 8 + length : pos + 12 + length] = struct.pack(">I", zlib.crc32(tar[pos + 4 : pos + 8 + length]))
+        pos += 12 + length
+    fixed = json.loads(s3.get_object(Bucket="ganforge", Key=f"{prefix}/manifest.json")["Body"].read())
+    next(e for e in fixed["shards"] if e["name"] == "train-000001.tar")["sha256"] = hashlib.sha256(tar).hexdigest()
+    s3.put_object(Bucket="ganforge", Key=key, Body=bytes(tar))
+    s3.put_object(Bucket="ganforge", Key=f"{prefix}/manifest.json", Body=json.dumps(fixed).encode())
+    with ShardLoader(_cfg(bad_uri, batch_size=40, num_threads=2)) as loader:
+        x, _ = _epoch(loader)
+        assert loader.skipped == 1 and loader.checksum_errors == 0
+    assert "DALI could not decode a batch; 1 of 40 images were bad" in caplog.text
     assert len(x) == N - 1
     lost = _counts(reference[0]) - _counts(_to_uint8(x))
     assert sum(lost.values()) == 1
