@@ -17,6 +17,7 @@ as ``{"<pipeline>": {"<resolution>": img_per_s}}``, plus ``"cpu_us_per_img"`` in
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -95,6 +96,9 @@ class CpuMeter:
 def bench_pil(uri: str, manifest: dict, env: Env, workers: int, server) -> tuple[float, float]:
     """img/s and CPU µs/img over the first 90% of an epoch (stopping early keeps the workers alive to be metered,
     and leaves out the tail where some workers have already run dry, which only favours the baseline)."""
+    # Our loaders in this process froze its objects for the collector (ShardLoader._start); forked workers would
+    # inherit that and run faster than a plain PIL DataLoader does.
+    gc.unfreeze()
     dl = torch.utils.data.DataLoader(PilShards(uri, manifest, env), batch_size=BATCH, num_workers=workers,
                                      persistent_workers=False, prefetch_factor=4)  # fmt: skip
     it = iter(dl)
