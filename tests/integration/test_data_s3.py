@@ -176,15 +176,22 @@ def _copy_dataset(client, uri: str) -> tuple[str, str]:
     return f"s3://ganforge/{dst}", dst
 
 
+def _png_in_copy(client, uri: str, shard: str, sample: int) -> tuple[str, str, str, bytearray, int, int]:
+    """A private copy of the dataset: (its uri, prefix, the shard's key, the shard's bytes, and where sample
+    ``sample``'s PNG lies in them: offset, size)."""
+    bad_uri, prefix = _copy_dataset(client, uri)
+    key = f"{prefix}/{shard}.tar"
+    tar = bytearray(client.get_object(Bucket="ganforge", Key=key)["Body"].read())
+    idx = client.get_object(Bucket="ganforge", Key=f"{prefix}/{shard}.idx")["Body"].read().decode().splitlines()
+    ext, offset, size = idx[sample].split()[:3]
+    assert ext == "png"
+    return bad_uri, prefix, key, tar, int(offset), int(size)
+
+
 def test_corrupt_image_is_skipped_and_counted(s3, dataset, reference):
     uri, _ = dataset
-    bad_uri, prefix = _copy_dataset(s3, uri)
-    key = f"{prefix}/train-000002.tar"
-    tar = bytearray(s3.get_object(Bucket="ganforge", Key=key)["Body"].read())
-    idx = s3.get_object(Bucket="ganforge", Key=f"{prefix}/train-000002.idx")["Body"].read().decode().splitlines()
-    ext, offset, size = idx[10].split()[:3]  # sample 10 of the shard
-    assert ext == "png"
-    for i in range(int(offset) + 40, int(offset) + int(size) - 16, 7):  # scramble the IDAT data, same length
+    bad_uri, _, key, tar, offset, size = _png_in_copy(s3, uri, "train-000002", 10)
+    for i in range(offset + 40, offset + size - 16, 7):  # scramble the IDAT data, same length
         tar[i] ^= 0x5A
     s3.put_object(Bucket="ganforge", Key=key, Body=bytes(tar))
     with ShardLoader(_cfg(bad_uri, batch_size=40)) as loader:
@@ -199,12 +206,8 @@ def test_image_only_the_decoder_rejects_is_skipped(s3, dataset, reference, caplo
     """Scrambled PNG data under a recomputed CRC passes the cheap checks; DALI fails on its batch, the loader finds
     the bad image with PIL and sends the rest of the batch again, in stream order, with several pipelines."""
     uri, _ = dataset
-    bad_uri, prefix = _copy_dataset(s3, uri)
-    key = f"{prefix}/train-000001.tar"
-    tar = bytearray(s3.get_object(Bucket="ganforge", Key=key)["Body"].read())
-    idx = s3.get_object(Bucket="ganforge", Key=f"{prefix}/train-000001.idx")["Body"].read().decode().splitlines()
-    _, offset, size = idx[20].split()[:3]  # sample 20 of the shard
-    pos, end = int(offset) + 8, int(offset) + int(size)
+    bad_uri, prefix, key, tar, offset, size = _png_in_copy(s3, uri, "train-000001", 20)
+    pos, end = offset + 8, offset + size
     while pos < end:  # PNG chunks: length, type, data, CRC
         length, kind = struct.unpack(">I", tar[pos : pos + 4])[0], bytes(tar[pos + 4 : pos + 8])
         if kind == b"IDAT":
