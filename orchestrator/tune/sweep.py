@@ -19,6 +19,7 @@ logged into by the trial's rank 0: metrics, sample grids, best checkpoint tag); 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import typing
@@ -243,6 +244,9 @@ def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> Sweep
     )
     log(f"sweep {sweep.name}: {sweep.trials} trials × {sweep.num_workers} workers, {concurrent} at a time, "
         f"{sweep.scheduler} on {sweep.metric} over progress/kimg ≤ {sweep.max_kimg}")  # fmt: skip
+    # Until a trial's first evaluation its metric is +inf (no value yet: the worst for "min"), and Tune's TensorBoard
+    # logger warned once per trial about it. The value is meant; MLflow holds the curves.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     with failed_on_error(parent):
         grid = tuner.fit()
 

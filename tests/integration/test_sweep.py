@@ -50,6 +50,7 @@ def test_asha_sweep_with_nested_runs_and_report(stack, s3, dataset, tmp_path):
                           capture_output=True, timeout=900)  # fmt: skip
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert "NaN or Inf found" not in proc.stdout + proc.stderr  # the +inf before a first evaluation is meant
     print(f"sweep wall time {wall:.0f} s")
 
     out = tmp_path / name
