@@ -102,10 +102,11 @@ def test_batches_match_the_numpy_data(dataset, reference, threads):
 
 
 def test_two_ranks_are_disjoint_and_cover_the_epoch(dataset, reference):
+    """2 ranks × 2 loader workers (DALI pipelines, dealt whole batches in turn from the rank's one stream)."""
     uri, _ = dataset
     seen = []
     for rank in range(2):
-        with ShardLoader(_cfg(uri), rank=rank, world_size=2) as loader:
+        with ShardLoader(_cfg(uri, num_threads=2), rank=rank, world_size=2) as loader:
             seen.append(_to_uint8(_epoch(loader)[0]))
     a, b = _counts(seen[0]), _counts(seen[1])
     assert sum(a.values()) == sum(b.values()) == N // 2
