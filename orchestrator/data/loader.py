@@ -463,8 +463,8 @@ class ShardLoader:
         @pipeline_def(enable_conditionals=True)
         def pipe():
             data, labels, mirror, resize = fn.external_source(
-                source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT64,
-                                                                                 types.INT32, types.BOOL])  # fmt: skip
+                source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT64, types.INT32, types.BOOL]
+            )
             images = fn.decoders.image(data, device="mixed" if use_gpu else "cpu", output_type=types.RGB)
             if resize:  # per sample, only where the stored size differs (never, for shards we wrote)
                 images = fn.resize(images, size=[res, res], antialias=True)
