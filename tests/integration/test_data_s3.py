@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from orchestrator.config import DataConfig
 from orchestrator.data import fashion_mnist
@@ -89,10 +90,15 @@ def test_batches_match_the_numpy_data(dataset, reference, threads):
     uri, _ = dataset
     with ShardLoader(_cfg(uri, num_threads=threads), rank=0, world_size=1) as loader:
         assert (loader.resolution, loader.num_classes, len(loader.shards)) == (32, 10, N // PER_SHARD)
+        assert loader.channels == 1
         x, y = _epoch(loader)
     assert x.shape == (N, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.min() >= -1 and x.max() <= 1 and x.device.type == "cpu"
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # grey repeated into RGB
+    with ShardLoader(_cfg(uri, num_threads=threads)) as loader:
+        first = next(iter(loader))[0]
+    # one grey channel decoded and normalised, handed over as a broadcast view: the loader makes no RGB copy
+    assert first.shape == (BATCH, 3, 32, 32) and first.stride(1) == 0 and torch.equal(first, x[:BATCH])
     images, labels = reference
     expected_mean = (images.astype(np.float64) / 127.5 - 1).mean()
     assert abs(x.double().mean().item() - expected_mean) < 1e-4
@@ -113,6 +119,33 @@ def test_two_ranks_are_disjoint_and_cover_the_epoch(dataset, reference):
     assert a + b == _counts(reference[0])
     with pytest.raises(DataError, match="ranks need at least one"):
         ShardLoader(_cfg(uri), rank=0, world_size=N // PER_SHARD + 1)
+
+
+def test_colour_images_keep_their_channels(s3, tmp_path):
+    """An RGB image folder (class sub-folders) → shards → loader: three real channels, pixel-exact, flips applied."""
+    images, labels = fashion_mnist.load("train")
+    images, labels = fashion_mnist.pad_to_32(images[:120]), labels[:120]
+    # three different channels from each real image, so a swapped, dropped or averaged channel shows
+    rgb = np.stack([images, 255 - images, (images // 2 + 64).astype(np.uint8)], axis=-1)
+    for i, (img, lbl) in enumerate(zip(rgb, labels)):
+        folder = tmp_path / "colour" / fashion_mnist.CLASSES[lbl]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+    uri = f"s3://ganforge/datasets/colour-{uuid.uuid4().hex[:8]}"
+    manifest = write_shards(str(tmp_path / "colour"), uri, image_format="png", samples_per_shard=40, progress=False,
+                            workers=1)  # fmt: skip
+    assert (manifest["channels"], manifest["resolution"], manifest["num_samples"]) == (3, 32, 120)
+    with ShardLoader(_cfg(uri, batch_size=24, hflip=True, num_threads=2)) as loader:
+        assert loader.channels == 3
+        x, _ = _epoch(loader)
+    assert x.shape == (120, 3, 32, 32) and x.is_contiguous()
+    got = (x * 127.5 + 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # N×H×W×3
+    flipped = got[:, :, ::-1]
+    want = _counts(rgb)
+    matches = [img.tobytes() in want for img in got]
+    assert all(m or f.tobytes() in want for m, f in zip(matches, flipped))  # every image exact, mirrored or not
+    assert 30 < sum(not m for m in matches) < 90  # about half of them mirrored
+    assert _counts(np.where(np.array(matches)[:, None, None, None], got, flipped)) == want  # each exactly once
 
 
 @pytest.mark.parametrize("threads", [(1, 1), (3, 2)])  # the stream does not depend on how many pipelines decode it
