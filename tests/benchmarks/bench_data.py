@@ -8,6 +8,10 @@ issue asks for, two alternatives are measured: ``dali_cpu_cached`` (our loader r
 ``fn.readers.webdataset`` over the same cached tars + indexes, shuffle buffer, coin-flip mirror: no exact resume,
 no bad-sample skipping, so an upper bound for what DALI's reader would give us).
 
+Fashion-MNIST is grey: the PIL baseline decodes it the usual way (``convert("RGB")``), our loader decodes and
+normalises one channel and hands out a broadcast RGB view (its manifest says ``"channels": 1``). So that colour data is
+measured too, the largest resolution is repeated on a colour-tinted copy (rows suffixed ``_rgb``; ``--no-rgb`` skips).
+
 The machine may be shared, so the pipelines run interleaved, ``--rounds`` times in rotating order, and the median is
 kept; besides img/s each run records the CPU time it cost per image (this process, its DataLoader workers and the S3
 server), which competing load inflates far less than wall time. Results go to ``tests/benchmarks/results/data.json``
@@ -40,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import DataConfig
+from orchestrator.data import fashion_mnist
 from orchestrator.data.loader import ShardLoader, _ShardCache
 from orchestrator.data.s3 import ObjectStream, client
 from orchestrator.data.shards import iter_tar_samples, write_shards
@@ -117,8 +122,7 @@ def bench_pil(uri: str, manifest: dict, env: Env, workers: int, server) -> tuple
 
 def bench_dali(uri: str, manifest: dict, threads: int, device: str, server, cache_dir: str = "",
                epochs: int = 2) -> tuple[float, float]:  # fmt: skip
-    cfg = DataConfig(dataset=uri, batch_size=BATCH, num_threads=threads, prefetch=2, shuffle_buffer=512,
-                     cache_dir=cache_dir)  # fmt: skip
+    cfg = DataConfig(dataset=uri, batch_size=BATCH, num_threads=threads, shuffle_buffer=512, cache_dir=cache_dir)
     with ShardLoader(cfg, device=torch.device(device)) as loader:
         it = iter(loader)
         next(it)
@@ -131,6 +135,19 @@ def bench_dali(uri: str, manifest: dict, threads: int, device: str, server, cach
         if device == "cuda":
             torch.cuda.synchronize()
         return n / (time.perf_counter() - t0), meter.spent() / n * 1e6
+
+
+def colour_folder(root: Path, n: int) -> str:
+    """``n`` Fashion-MNIST images tinted into colour (a hue per class, so the chroma planes carry real structure),
+    as an image folder with class sub-folders: the colour counterpart of the grey sets, for the ``_rgb`` rows."""
+    images, labels = fashion_mnist.load("train")
+    tints = np.random.default_rng(0).uniform(0.3, 1.0, (len(fashion_mnist.CLASSES), 3))
+    for i in range(n):
+        folder = root / fashion_mnist.CLASSES[labels[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = (images[i][..., None] * tints[labels[i]] + (1 - tints[labels[i]]) * 40).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"{i:05d}.png")
+    return str(root)
 
 
 def fill_cache(uri: str, manifest: dict, cache_dir: str) -> None:
@@ -150,18 +167,21 @@ def fill_cache(uri: str, manifest: dict, cache_dir: str) -> None:
 
 def bench_dali_reader(manifest: dict, cache_dir: str, threads: int, device: str, server,
                       epochs: int = 2) -> tuple[float, float]:  # fmt: skip
-    """DALI's own webdataset reader on the cached tars: shuffle buffer, decode, random mirror, normalise."""
+    """DALI's own webdataset reader on the cached tars: shuffle buffer, decode, random mirror, normalise (one
+    channel for a grey dataset, broadcast to RGB as our loader does)."""
     cache = _ShardCache(cache_dir, 1 << 40)
     paths = [str(cache.path(e)) for e in manifest["shards"]]
     use_gpu = device == "cuda"
+    ch = 1 if manifest.get("channels") == 1 else 3
 
-    @pipeline_def(batch_size=BATCH, num_threads=threads, device_id=0 if use_gpu else None, prefetch_queue_depth=2,
-                  seed=0)  # fmt: skip
+    @pipeline_def(batch_size=BATCH, num_threads=threads, device_id=0 if use_gpu else None,
+                  prefetch_queue_depth=DataConfig.prefetch, seed=0, exec_dynamic=not use_gpu)  # fmt: skip
     def pipe():
         jpg, cls = fn.readers.webdataset(paths=paths, index_paths=[p[:-4] + ".idx" for p in paths], ext=["jpg", "cls"],
                                          random_shuffle=True, initial_fill=512, name="wds")  # fmt: skip
-        images = fn.decoders.image(jpg, device="mixed" if use_gpu else "cpu", output_type=types.RGB)
-        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=[127.5] * 3, std=[127.5] * 3,
+        images = fn.decoders.image(jpg, device="mixed" if use_gpu else "cpu",
+                                   output_type=types.GRAY if ch == 1 else types.RGB)  # fmt: skip
+        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=[127.5] * ch, std=[127.5] * ch,
                                           dtype=types.FLOAT, output_layout="CHW")  # fmt: skip
         labels = fn.cast(cls, dtype=types.INT64) - 48  # one ASCII digit (Fashion-MNIST has 10 classes)
         return images, labels
@@ -178,7 +198,7 @@ def bench_dali_reader(manifest: dict, cache_dir: str, threads: int, device: str,
             out = next(it)[0]
         except StopIteration:  # epoch end (auto_reset starts the next)
             continue
-        x = out["images"].to(device)
+        x = out["images"].to(device).expand(-1, 3, -1, -1)
         n += len(x)
     if use_gpu:
         torch.cuda.synchronize()
@@ -200,9 +220,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=6000, help="samples per resolution (64² gets this, 256² a third)")
     ap.add_argument("--resolutions", default="64,256")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every pipeline (median kept)")
+    ap.add_argument("--no-rgb", dest="rgb", action="store_false",
+                    help="skip the colour copy of the largest resolution (pipelines suffixed _rgb)")  # fmt: skip
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    console = Console()
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
     root = Path(tempfile.mkdtemp(prefix="gf-bench-data-"))
     env = Env.from_environ({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-" + os.urandom(6).hex(),
                             "GANFORGE_BUCKET": "ganforge"})  # fmt: skip
@@ -211,6 +233,7 @@ def main() -> None:
     if torch.cuda.is_available():
         names.append("dali_gpu")
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {k: {} for k in names}
+    runs.update({f"{k}_rgb": {} for k in names} if args.rgb else {})
     try:
         stack._save_state()
         stack._start_s3()  # S3 only: the benchmark needs neither MLflow nor Ray
@@ -219,22 +242,27 @@ def main() -> None:
         os.environ.update({k: v for k, v in stack.client_environ().items() if k.startswith(("AWS_", "GANFORGE_"))})
         env = Env.from_environ()
         server = [p for p in psutil.process_iter(["cmdline"]) if str(root) in " ".join(p.info["cmdline"] or [])]
-        for res in map(int, args.resolutions.split(",")):
+        sets = [(res, False) for res in map(int, args.resolutions.split(","))]
+        if args.rgb:
+            sets.append((max(r for r, _ in sets), True))
+        for res, rgb in sets:
             n = args.samples if res <= 64 else max(BATCH * 4, args.samples // 3)
-            uri = f"s3://ganforge/bench/fmnist-{res}"
+            uri = f"s3://ganforge/bench/fmnist-{res}" + ("-rgb" if rgb else "")
             t0 = time.perf_counter()
-            manifest = write_shards("fashion-mnist", uri, resolution=res, image_format="jpg", max_samples=n,
+            source = colour_folder(root / "rgb", n) if rgb else "fashion-mnist"
+            manifest = write_shards(source, uri, resolution=res, image_format="jpg", max_samples=n,
                                     samples_per_shard=max(1, n // 8), progress=False, env=env)  # fmt: skip
             size = sum(s["bytes"] for s in manifest["shards"]) / 2**20
-            console.print(f"{res}²: {n} JPEG samples, {size:.1f} MiB in {len(manifest['shards'])} shards, "
-                          f"written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-            cache_dir = str(root / f"cache-{res}")
+            console.print(f"{res}² {'colour' if rgb else 'grey'}: {n} JPEG samples, {size:.1f} MiB in "
+                          f"{len(manifest['shards'])} shards, written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            suffix = "_rgb" if rgb else ""
+            cache_dir = str(root / f"cache-{res}{suffix}")
             fill_cache(uri, manifest, cache_dir)
             for r in range(args.rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no pipeline always first
                     got = run_pipeline(name, uri, manifest, env, cache_dir, server)
-                    runs[name].setdefault(str(res), []).append(got)
-                last = ", ".join(f"{k} {v[str(res)][-1][0]:,.0f}" for k, v in runs.items())
+                    runs[name + suffix].setdefault(str(res), []).append(got)
+                last = ", ".join(f"{k} {runs[k + suffix][str(res)][-1][0]:,.0f}" for k in names)
                 console.print(f"  round {r + 1}: {last} img/s")
     finally:
         stack.down(log=lambda *_: None)
@@ -242,18 +270,26 @@ def main() -> None:
 
     results = {k: {r: statistics.median(x[0] for x in v) for r, v in row.items()} for k, row in runs.items()}
     cpu_us = {k: {r: statistics.median(x[1] for x in v) for r, v in row.items()} for k, row in runs.items()}
-    resolutions = list(results["pil"])
+    resolutions = sorted({r for row in results.values() for r in row}, key=int)
     table = Table(title=f"data loading, img/s (median of {args.rounds} interleaved runs; batch {BATCH}, {cores} cores, "
                   "JPEG q95 shards from S3) and CPU µs per image")  # fmt: skip
-    table.add_column("pipeline")
+    table.add_column("pipeline", no_wrap=True)
     for r in resolutions:
         table.add_column(f"{r}² img/s", justify="right")
         table.add_column(f"{r}² CPU µs/img", justify="right")
-    for name in names:
-        table.add_row(name, *(f"{c:,.0f}" for r in resolutions for c in (results[name][r], cpu_us[name][r])))
-    for name in names[1:]:
-        table.add_row(f"{name} / pil", *(f"{c:.1f}×" for r in resolutions for c in (
-            results[name][r] / results["pil"][r], cpu_us["pil"][r] / cpu_us[name][r])))  # fmt: skip
+    for name in results:
+        table.add_row(name, *(f"{d[name][r]:,.0f}" if r in d[name] else "" for r in resolutions
+                              for d in (results, cpu_us)))  # fmt: skip
+    for name in results:
+        base = "pil_rgb" if name.endswith("_rgb") else "pil"
+        if name == base:
+            continue
+        ratios = []
+        for r in resolutions:
+            ok = r in results[name]
+            ratios += [f"{results[name][r] / results[base][r]:.1f}×" if ok else "",
+                       f"{cpu_us[base][r] / cpu_us[name][r]:.1f}×" if ok else ""]  # fmt: skip
+        table.add_row(f"{name} / {base}", *ratios)
     console.print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     out = {k: {r: round(v, 1) for r, v in row.items()} for k, row in results.items()}
