@@ -47,7 +47,7 @@ def _env(env: Env | None) -> Env:
 
 
 @functools.lru_cache(maxsize=8)
-def _client(pid: int, env: Env, fail_fast: bool):
+def _client(pid: int, env: Env, fail_fast: bool, checksums: bool):
     del pid  # only part of the cache key: boto3 clients must not be shared across fork
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no 1 s IMDS probe off EC2
     if fail_fast:  # a pre-flight check should answer in seconds, not retry for a minute
@@ -55,6 +55,8 @@ def _client(pid: int, env: Env, fail_fast: bool):
     else:
         cfg = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5, read_timeout=60,
                      max_pool_connections=32)  # fmt: skip
+    if not checksums:
+        cfg = cfg.merge(Config(response_checksum_validation="when_required"))
     return boto3.session.Session().client(
         "s3",
         endpoint_url=env.s3_endpoint,
@@ -65,9 +67,10 @@ def _client(pid: int, env: Env, fail_fast: bool):
     )
 
 
-def client(env: Env | None = None, *, fail_fast: bool = False):
-    """The process's boto3 S3 client for ``env`` (default: from the environment), created once."""
-    return _client(os.getpid(), _env(env), fail_fast)
+def client(env: Env | None = None, *, fail_fast: bool = False, checksums: bool = True):
+    """The process's boto3 S3 client for ``env`` (default: from the environment), created once. ``checksums=False``:
+    botocore does not check its CRC of whole-object GETs, for callers that check a stronger hash themselves."""
+    return _client(os.getpid(), _env(env), fail_fast, checksums)
 
 
 def describe_error(e: Exception, env: Env, what: str) -> str:
@@ -126,8 +129,9 @@ class ObjectStream:
     the caller computes over the stream).
     """
 
-    def __init__(self, bucket: str, key: str, *, start: int = 0, env: Env | None = None, retry_for_s: float = 120):
-        self.bucket, self.key, self.env = bucket, key, _env(env)
+    def __init__(self, bucket: str, key: str, *, start: int = 0, env: Env | None = None, retry_for_s: float = 120,
+                 checksums: bool = True):  # fmt: skip
+        self.bucket, self.key, self.env, self.checksums = bucket, key, _env(env), checksums
         self.pos = start  # absolute offset of the next byte read returns
         self.retry_for_s = retry_for_s
         self.reopens = 0
@@ -135,7 +139,8 @@ class ObjectStream:
 
     def _open(self):
         kw = {"Range": f"bytes={self.pos}-"} if self.pos else {}
-        self._body = client(self.env).get_object(Bucket=self.bucket, Key=self.key, **kw)["Body"]
+        s3 = client(self.env, checksums=self.checksums)
+        self._body = s3.get_object(Bucket=self.bucket, Key=self.key, **kw)["Body"]
 
     def read(self, n: int = -1) -> bytes:
         deadline = time.monotonic() + self.retry_for_s
