@@ -217,7 +217,7 @@ def run_pipeline(name: str, uri: str, manifest: dict, env: Env, cache_dir: str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=6000, help="samples per resolution (64² gets this, 256² a third)")
+    ap.add_argument("--samples", type=int, default=18000, help="samples per resolution (64² gets this, 256² a third)")
     ap.add_argument("--resolutions", default="64,256")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every pipeline (median kept)")
     ap.add_argument("--no-rgb", dest="rgb", action="store_false",
