@@ -34,6 +34,7 @@ class DataConfig:
     prefetch: int = 4  # batches each DALI pipeline prepares ahead (2 → 4: +7% img/s at 64² on 2 cores)
     shuffle_buffer: int = 512  # samples shuffled across shard boundaries
     hflip: bool = True
+    crop_scale: float = 1.0  # < 1: random square crops of [crop_scale, 1] of the area, resized back; 1 = off
     seed: int = 0
     cache_dir: str = ""  # local folder keeping verified shards for later epochs; empty = stream every epoch from S3
     cache_gb: float = 20.0  # size cap of cache_dir (least recently used shards are evicted)
@@ -44,6 +45,7 @@ class DataConfig:
         _check(self.num_threads >= 1, "data.num_threads", self.num_threads, "an integer ≥ 1")
         _check(self.prefetch >= 1, "data.prefetch", self.prefetch, "an integer ≥ 1")
         _check(self.cache_gb > 0, "data.cache_gb", self.cache_gb, "a size in GB > 0")
+        _check(0 < self.crop_scale <= 1, "data.crop_scale", self.crop_scale, "an area fraction in (0, 1]; 1 = no crop")
 
 
 ELASTIC_RULES = ("keep_batch", "rescale")  # see orchestrator/train/elastic.py

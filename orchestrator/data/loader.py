@@ -2,11 +2,11 @@
 
 Order and position. Each rank owns a fixed, disjoint set of shards (round-robin over the sorted names). An epoch
 reads them in an order seeded by (seed, epoch); the concatenated sample stream is cut into windows of
-``shuffle_buffer`` samples and each window is permuted (and its flips drawn) with a generator seeded by
+``shuffle_buffer`` samples and each window is permuted (and its flips and crops drawn) with a generator seeded by
 (seed, rank, epoch, window). That mixes samples across shard boundaries like a shuffle buffer, but the order is a pure
 function of the position, so the loader's state is two integers (epoch, samples delivered) and a resumed loader
 re-reads at most one window (a ranged GET found through the shard's DALI index) and continues with exactly the next
-sample, with the same flips.
+sample, with the same flips and crops.
 
 Reading runs in one background thread feeding a bounded queue; DALI pulls whole batches through
 ``fn.external_source`` (on CPU into ``num_threads`` single-threaded pipelines that take batches in turn). The thread
@@ -327,6 +327,7 @@ class ShardLoader:
         self.resolution = int(self.manifest["resolution"])
         self.num_classes = int(self.manifest["num_classes"])
         self.channels = int(self.manifest.get("channels", 3))  # of the stored images; batches are always RGB
+        self._crop = cfg.crop_scale < 1
         self.epoch_size = sum(int(e["count"]) for e in self._entries)  # samples per epoch on this rank
         self.window = max(1, cfg.shuffle_buffer)
         self.skipped = 0  # samples never delivered: undecodable, unlabeled, or lost to a truncated shard
@@ -467,16 +468,17 @@ class ShardLoader:
         # otherwise, into freshly allocated tensors): in-memory decode at 64², 52k img/s against 33k.
         @pipeline_def(enable_conditionals=True, exec_dynamic=not use_gpu)
         def pipe():
-            data, labels, mirror, resize = fn.external_source(
-                source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.INT64, types.INT32, types.BOOL]
-            )
+            dtypes = [types.UINT8, types.INT64, types.INT32, types.BOOL] + [types.FLOAT] * 2 * self._crop
+            data, labels, mirror, resize, *box = fn.external_source(source=source, num_outputs=len(dtypes),
+                                                                     batch=True, dtype=dtypes)  # fmt: skip
             # A grey dataset (manifest "channels": 1) is decoded and normalised as one channel, broadcast to RGB
             # only as a view (__iter__): DALI's float output is what costs at 256² (decode 148 µs/img, normalising
             # three channels 180 µs, one channel 70 µs).
             images = fn.decoders.image(data, device="mixed" if use_gpu else "cpu",
                                        output_type=types.GRAY if ch == 1 else types.RGB)  # fmt: skip
-            if resize:  # per sample, only where the stored size differs (never, for shards we wrote)
-                images = fn.resize(images, size=[res, res], antialias=True)
+            if resize:  # per sample: a random crop, or a stored size that differs (never, for shards we wrote)
+                crop = {"roi_start": box[0], "roi_end": box[1], "roi_relative": True} if box else {}
+                images = fn.resize(images, size=[res, res], antialias=True, **crop)
             images = fn.crop_mirror_normalize(images, mirror=mirror, mean=[127.5] * ch, std=[127.5] * ch,
                                               dtype=types.FLOAT, output_layout="CHW")  # fmt: skip
             return images, labels
@@ -495,11 +497,22 @@ class ShardLoader:
         return [self._entries[i] for i in order]
 
     def _window_order(self, epoch: int, window: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The window's permutation and, per delivered sample, its augmentation: a row (flip, y0, x0, y1, x1) with
+        the crop box relative to the image (the whole image unless ``crop_scale`` < 1)."""
         rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, window])
-        return rng.permutation(n), rng.integers(0, 2, n, dtype=np.int32) * int(self.cfg.hflip)
+        perm = rng.permutation(n)
+        aug = np.zeros((n, 5), np.float32)
+        aug[:, 0] = rng.integers(0, 2, n, dtype=np.int32) * int(self.cfg.hflip)
+        aug[:, 3:] = 1
+        if self.cfg.crop_scale < 1:
+            side = np.sqrt(rng.uniform(self.cfg.crop_scale, 1, n)).astype(np.float32)
+            aug[:, 1:3] = rng.uniform(0, 1, (n, 2)) * (1 - side)[:, None]
+            aug[:, 3:] = aug[:, 1:3] + side[:, None]
+        return perm, aug
 
     def _windows(self, epoch: int, pos: int) -> Iterator[tuple[int, int, list, np.ndarray, int]]:
-        """(epoch, window, its samples in delivery order (None = hole), their flips, first index to deliver)."""
+        """(epoch, window, its samples in delivery order (None = hole), their augmentation, first index to
+        deliver)."""
         pending: list = []
         w, skip = divmod(pos, self.window)
         while True:
@@ -511,8 +524,8 @@ class ShardLoader:
                     raise chunk
                 pending.extend(chunk)
             block, pending = pending[:n], pending[n:]
-            perm, flips = self._window_order(epoch, w, n)
-            yield epoch, w, [block[i] for i in perm.tolist()], flips, skip
+            perm, aug = self._window_order(epoch, w, n)
+            yield epoch, w, [block[i] for i in perm.tolist()], aug, skip
             skip, w = 0, w + 1
             if w * self.window >= self.epoch_size:
                 epoch, w = epoch + 1, 0
@@ -526,9 +539,10 @@ class ShardLoader:
         return self._staged[j].popleft()
 
     def _next_batch(self):
-        """The next batch in stream order: encoded images, labels, mirror flags and resize flags."""
+        """The next batch in stream order: encoded images, labels, mirror flags, resize flags (and with random
+        crops, the crop boxes' corners)."""
         size = self.cfg.batch_size
-        kept: list = []  # (sample, flip)
+        kept: list = []  # (sample, augmentation row)
         skipped, after = 0, (self._epoch, self._pos)
         if self._requeued:
             after = max(after, self._requeued[0])
@@ -538,10 +552,10 @@ class ShardLoader:
             if self._cur is None or self._j >= len(self._cur[2]):
                 self._cur = next(self._samples)
                 self._j = self._cur[4]
-            epoch, w, items, flips, _ = self._cur
+            epoch, w, items, aug, _ = self._cur
             j, k = self._j, min(len(items), self._j + size - len(kept))
             part = items[j:k]
-            got = [(x, f) for x, f in zip(part, flips[j:k].tolist()) if x is not None]
+            got = [(x, a) for x, a in zip(part, aug[j:k].tolist()) if x is not None]
             skipped += len(part) - len(got)
             kept += got
             self._j = k
@@ -553,8 +567,10 @@ class ShardLoader:
         encoded = np.zeros((len(kept), max(len(x[0]) for x, _ in kept)), np.uint8)
         for i, (x, _) in enumerate(kept):
             encoded[i, : len(x[0])] = x[0]
-        return (encoded, np.array([x[1] for x, _ in kept], np.int64),
-                np.array([f for _, f in kept], np.int32), np.array([x[2] for x, _ in kept], bool))  # fmt: skip
+        aug = np.array([a for _, a in kept], np.float32)
+        resize = np.array([x[2] for x, _ in kept], bool) | self._crop
+        batch = (encoded, np.array([x[1] for x, _ in kept], np.int64), aug[:, 0].astype(np.int32), resize)
+        return (*batch, aug[:, 1:3].copy(), aug[:, 3:].copy()) if self._crop else batch
 
     def _recover_from_decode_error(self) -> None:
         """DALI failed on a batch that passed the cheap checks: find the bad images with PIL (rare, so the slow

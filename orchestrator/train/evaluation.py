@@ -303,7 +303,7 @@ class Evaluator:
         shard alone. Returns the global statistics and the gathered set (each ``None`` when not wanted)."""
         from orchestrator.data.loader import ShardLoader
 
-        data_cfg = dataclasses.replace(self.cfg.data, hflip=False, batch_size=min(256, self.ref_n))
+        data_cfg = dataclasses.replace(self.cfg.data, hflip=False, crop_scale=1.0, batch_size=min(256, self.ref_n))
         loader = ShardLoader(data_cfg, rank=self.rank, world_size=self.world, device=self.device, env=self.env)
         sizes = [loader.epoch_size] * self.world
         if ddp.active():

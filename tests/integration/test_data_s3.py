@@ -121,6 +121,28 @@ def test_two_ranks_are_disjoint_and_cover_the_epoch(dataset, reference):
         ShardLoader(_cfg(uri), rank=0, world_size=N // PER_SHARD + 1)
 
 
+def test_random_crops_cut_the_drawn_box(dataset):
+    """crop_scale < 1: each image is the box drawn for its position, resized back (checked against PIL's bilinear
+    resize of the same box); the order of samples is the same as without crops."""
+    uri, _ = dataset
+    cfg = _cfg(uri, batch_size=64, shuffle_buffer=1)
+    with ShardLoader(cfg) as loader:
+        plain = next(iter(loader))[0]
+    with ShardLoader(dataclasses.replace(cfg, crop_scale=0.4)) as loader:
+        cropped = next(iter(loader))[0]
+        boxes = np.stack([loader._window_order(0, i, 1)[1][0, 1:] for i in range(64)])  # y0, x0, y1, x1
+    side = boxes[:, 2] - boxes[:, 0]
+    assert np.allclose(boxes[:, 3] - boxes[:, 1], side, atol=1e-6) and (side**2 >= 0.4 - 1e-6).all()
+    assert (side < 0.9).sum() > 20 and boxes[:, :2].min() >= 0 and boxes[:, 2:].max() <= 1 + 1e-6
+    expected = []
+    for img, (y0, x0, y1, x1) in zip(_to_uint8(plain), boxes * 32):
+        out = Image.fromarray(img).resize((32, 32), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1))
+        expected.append(np.asarray(out, np.float32) / 127.5 - 1)
+    err = (cropped[:, 0] - torch.from_numpy(np.stack(expected))).abs().mean((1, 2))
+    assert err.max() < 0.03, err.max()  # resampling rounding only; the uncropped image is far off:
+    assert (plain[:, 0] - cropped[:, 0]).abs().mean((1, 2))[side < 0.8].min() > 0.05
+
+
 def test_colour_images_keep_their_channels(s3, tmp_path):
     """An RGB image folder (class sub-folders) → shards → loader: three real channels, pixel-exact, flips applied."""
     images, labels = fashion_mnist.load("train")
@@ -148,10 +170,11 @@ def test_colour_images_keep_their_channels(s3, tmp_path):
     assert _counts(np.where(np.array(matches)[:, None, None, None], got, flipped)) == want  # each exactly once
 
 
-@pytest.mark.parametrize("threads", [(1, 1), (3, 2)])  # the stream does not depend on how many pipelines decode it
-def test_resume_continues_with_the_next_sample(dataset, threads):
+# the stream does not depend on how many pipelines decode it; random crops are part of the position too
+@pytest.mark.parametrize("threads,crop", [((1, 1), 1.0), ((3, 2), 0.6)])
+def test_resume_continues_with_the_next_sample(dataset, threads, crop):
     uri, _ = dataset
-    cfg = _cfg(uri, hflip=True, batch_size=48, num_threads=threads[0])
+    cfg = _cfg(uri, hflip=True, batch_size=48, num_threads=threads[0], crop_scale=crop)
     with ShardLoader(cfg) as loader:
         it = iter(loader)
         for _ in range(7):  # stop mid-window (window 256) and mid-shard

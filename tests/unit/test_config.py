@@ -42,6 +42,7 @@ def test_round_trip_through_dict():
         (["train.amp=maybe"], "is not a boolean"),
         (["train.use_gpu=sometimes"], "train.use_gpu='sometimes' is invalid; expected auto, true or false"),
         (["data.dataset=/local/path"], "expected an s3://bucket/prefix URI"),
+        (["data.crop_scale=0"], "data.crop_scale=0.0 is invalid; expected an area fraction in (0, 1]; 1 = no crop"),
         (["model.resolution=48"], "resolution 48 not supported; valid: 32, 64, 128, 256, 512"),
     ],
 )
