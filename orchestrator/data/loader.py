@@ -468,7 +468,7 @@ class ShardLoader:
         # otherwise, into freshly allocated tensors): in-memory decode at 64², 52k img/s against 33k.
         @pipeline_def(enable_conditionals=True, exec_dynamic=not use_gpu)
         def pipe():
-            dtypes = [types.UINT8, types.INT64, types.INT32, types.BOOL] + [types.FLOAT] * 2 * self._crop
+            dtypes = [types.UINT8, types.INT64, types.INT32, types.BOOL] + ([types.FLOAT] * 2 if self._crop else [])
             data, labels, mirror, resize, *box = fn.external_source(source=source, num_outputs=len(dtypes),
                                                                      batch=True, dtype=dtypes)  # fmt: skip
             # A grey dataset (manifest "channels": 1) is decoded and normalised as one channel, broadcast to RGB
