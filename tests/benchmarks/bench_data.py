@@ -9,8 +9,10 @@ issue asks for, two alternatives are measured: ``dali_cpu_cached`` (our loader r
 no bad-sample skipping, so an upper bound for what DALI's reader would give us).
 
 Fashion-MNIST is grey: the PIL baseline decodes it the usual way (``convert("RGB")``), our loader decodes and
-normalises one channel and hands out a broadcast RGB view (its manifest says ``"channels": 1``). So that colour data is
-measured too, the largest resolution is repeated on a colour-tinted copy (rows suffixed ``_rgb``; ``--no-rgb`` skips).
+normalises one channel and hands out a broadcast RGB view (its manifest says ``"channels": 1``). ``pil_grey`` is the
+stricter baseline that does the same with PIL (one channel, as NVlabs' dataset class keeps grey images). So that colour
+data is measured too, the largest resolution is repeated on a colour-tinted copy (rows suffixed ``_rgb``; ``--no-rgb``
+skips).
 
 The machine may be shared, so the pipelines run interleaved, ``--rounds`` times in rotating order, and the median is
 kept; besides img/s each run records the CPU time it cost per image (this process, its DataLoader workers and the S3
@@ -58,12 +60,13 @@ BATCH = 64
 
 
 class PilShards(torch.utils.data.IterableDataset):
-    """The usual baseline: DataLoader workers each stream their share of the shards and decode with PIL."""
+    """The usual baseline: DataLoader workers each stream their share of the shards and decode with PIL (to RGB, or
+    with ``grey`` to one channel as NVlabs' dataset class keeps grey images)."""
 
-    def __init__(self, uri: str, manifest: dict, env: Env):
+    def __init__(self, uri: str, manifest: dict, env: Env, grey: bool = False):
         self.bucket, prefix = split_s3_uri(uri)
         self.keys = [f"{prefix}/{s['name']}" for s in manifest["shards"]]
-        self.env = env
+        self.env, self.grey = env, grey
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -71,11 +74,12 @@ class PilShards(torch.utils.data.IterableDataset):
         rng = np.random.default_rng(info.id if info else 0)
         for key in keys:
             for _, parts, _ in iter_tar_samples(ObjectStream(self.bucket, key, env=self.env)):
-                img = np.array(Image.open(io.BytesIO(parts["jpg"])).convert("RGB"))
+                img = np.array(Image.open(io.BytesIO(parts["jpg"])).convert("L" if self.grey else "RGB"))
                 if rng.random() < 0.5:
                     img = img[:, ::-1]
                 # uint8 across the worker boundary (4× less shared memory than float); normalised in the main process
-                yield torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(parts["cls"])
+                chw = img[None] if self.grey else img.transpose(2, 0, 1)
+                yield torch.from_numpy(np.ascontiguousarray(chw)), int(parts["cls"])
 
 
 class CpuMeter:
@@ -100,20 +104,20 @@ class CpuMeter:
         return self._now() - self.t0
 
 
-def bench_pil(uri: str, manifest: dict, env: Env, workers: int, server) -> tuple[float, float]:
+def bench_pil(uri: str, manifest: dict, env: Env, workers: int, server, grey: bool = False) -> tuple[float, float]:
     """img/s and CPU µs/img over the first 90% of an epoch (stopping early keeps the workers alive to be metered,
     and leaves out the tail where some workers have already run dry, which only favours the baseline)."""
     # Our loaders in this process froze its objects for the collector (ShardLoader._start); forked workers would
     # inherit that and run faster than a plain PIL DataLoader does.
     gc.unfreeze()
-    dl = torch.utils.data.DataLoader(PilShards(uri, manifest, env), batch_size=BATCH, num_workers=workers,
+    dl = torch.utils.data.DataLoader(PilShards(uri, manifest, env, grey), batch_size=BATCH, num_workers=workers,
                                      persistent_workers=False, prefetch_factor=4)  # fmt: skip
     it = iter(dl)
     next(it)  # workers started, first shard open
     meter = CpuMeter(server, psutil.Process().children(recursive=True))
     t0, n = time.perf_counter(), 0
     for x, _ in it:
-        x = x.float().div_(127.5).sub_(1)
+        x = x.float().div_(127.5).sub_(1).expand(-1, 3, -1, -1)  # (a view unless grey)
         n += len(x)
         if n >= 0.9 * manifest["num_samples"] - BATCH:
             break
@@ -209,8 +213,8 @@ def bench_dali_reader(manifest: dict, cache_dir: str, threads: int, device: str,
 
 def run_pipeline(name: str, uri: str, manifest: dict, env: Env, cache_dir: str, server) -> tuple[float, float]:
     cores = os.cpu_count() or 1
-    if name == "pil":
-        return bench_pil(uri, manifest, env, cores, server)
+    if name in ("pil", "pil_grey"):
+        return bench_pil(uri, manifest, env, cores, server, grey=name == "pil_grey")
     if name == "dali_cpu_reader":
         return bench_dali_reader(manifest, cache_dir, cores, "cpu", server)
     device = "cuda" if name == "dali_gpu" else "cpu"
@@ -231,7 +235,7 @@ def main() -> None:
     env = Env.from_environ({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-" + os.urandom(6).hex(),
                             "GANFORGE_BUCKET": "ganforge"})  # fmt: skip
     stack = LocalStack(root=root, env=env, ports=Ports.free())
-    names = ["pil", "dali_cpu", "dali_cpu_cached", "dali_cpu_reader"]
+    names = ["pil", "pil_grey", "dali_cpu", "dali_cpu_cached", "dali_cpu_reader"]
     if torch.cuda.is_available():
         names.append("dali_gpu")
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {k: {} for k in names}
@@ -262,14 +266,19 @@ def main() -> None:
             fill_cache(uri, manifest, cache_dir)
             for r in range(args.rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no pipeline always first
+                    if rgb and name == "pil_grey":
+                        continue
                     got = run_pipeline(name, uri, manifest, env, cache_dir, server)
                     runs[name + suffix].setdefault(str(res), []).append(got)
-                last = ", ".join(f"{k} {runs[k + suffix][str(res)][-1][0]:,.0f}" for k in names)
+                last = ", ".join(
+                    f"{k} {runs[k + suffix][str(res)][-1][0]:,.0f}" for k in names if str(res) in runs[k + suffix]
+                )
                 console.print(f"  round {r + 1}: {last} img/s")
     finally:
         stack.down(log=lambda *_: None)
         shutil.rmtree(root, ignore_errors=True)
 
+    runs = {k: row for k, row in runs.items() if row}
     results = {k: {r: statistics.median(x[0] for x in v) for r, v in row.items()} for k, row in runs.items()}
     cpu_us = {k: {r: statistics.median(x[1] for x in v) for r, v in row.items()} for k, row in runs.items()}
     resolutions = sorted({r for row in results.values() for r in row}, key=int)
@@ -282,16 +291,19 @@ def main() -> None:
     for name in results:
         table.add_row(name, *(f"{d[name][r]:,.0f}" if r in d[name] else "" for r in resolutions
                               for d in (results, cpu_us)))  # fmt: skip
-    for name in results:
-        base = "pil_rgb" if name.endswith("_rgb") else "pil"
-        if name == base:
-            continue
-        ratios = []
+
+    def ratios(name: str, base: str) -> None:
+        cells = []
         for r in resolutions:
-            ok = r in results[name]
-            ratios += [f"{results[name][r] / results[base][r]:.1f}×" if ok else "",
-                       f"{cpu_us[base][r] / cpu_us[name][r]:.1f}×" if ok else ""]  # fmt: skip
-        table.add_row(f"{name} / {base}", *ratios)
+            ok = r in results[name] and r in results.get(base, {})
+            cells += [f"{results[name][r] / results[base][r]:.1f}×" if ok else "",
+                      f"{cpu_us[base][r] / cpu_us[name][r]:.1f}×" if ok else ""]  # fmt: skip
+        table.add_row(f"{name} / {base}", *cells)
+
+    for name in results:
+        if not name.startswith("pil"):
+            ratios(name, "pil_rgb" if name.endswith("_rgb") else "pil")
+    ratios("dali_cpu", "pil_grey")
     console.print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for path, table in ((RESULTS, results), (CPU_RESULTS, cpu_us)):
