@@ -504,7 +504,7 @@ class ShardLoader:
         aug = np.zeros((n, 5), np.float32)
         aug[:, 0] = rng.integers(0, 2, n, dtype=np.int32) * int(self.cfg.hflip)
         aug[:, 3:] = 1
-        if self.cfg.crop_scale < 1:
+        if self._crop:
             side = np.sqrt(rng.uniform(self.cfg.crop_scale, 1, n)).astype(np.float32)
             aug[:, 1:3] = rng.uniform(0, 1, (n, 2)) * (1 - side)[:, None]
             aug[:, 3:] = aug[:, 1:3] + side[:, None]
