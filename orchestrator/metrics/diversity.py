@@ -43,21 +43,25 @@ __all__ = ["class_report", "diversity_score", "mean_pairwise_distance"]
 def mean_pairwise_distance(feats: torch.Tensor | np.ndarray, batch: int = 4096) -> float:
     """Mean L2 distance over all ordered pairs i ≠ j of the N ≥ 2 rows of ``feats`` (N×dim; images: flatten first).
 
-    Computed in float64 accumulation over float32 ``torch.cdist`` blocks of ``batch`` × ``batch``."""
+    Identical rows are exactly 0 apart, so a generator that makes one image for every latent scores exactly 0.
+    ``torch.cdist``'s fast matmul form (‖a‖² + ‖b‖² − 2a·b) leaves rounding noise of order √eps·‖a‖ between equal
+    rows (a collapsed G read as 6e-4, not 0): distances are taken between the distinct rows only, each pair weighted
+    by how often the two rows occur, after centring (which shrinks ‖a‖, and so the noise, for near-equal rows).
+    Float32 ``cdist`` blocks of ``batch`` × ``batch``, float64 accumulation."""
     x = torch.as_tensor(feats)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"feats must be N×dim with N ≥ 2, got shape {tuple(x.shape)}")
-    x = x.float()
     n = x.shape[0]
+    rows, counts = torch.unique(x.float(), dim=0, return_counts=True)
+    rows = rows - rows.double().mul(counts[:, None]).sum(0).div(n).float()  # centred on the mean of all N rows
+    w = counts.double()
     total = 0.0
-    for i in range(0, n, batch):
-        rows = x[i : i + batch]
-        for j in range(0, n, batch):
-            # self-distances are 0 in exact arithmetic; the mm-based cdist leaves rounding noise on the diagonal
-            d = torch.cdist(rows, x[j : j + batch])
-            if i == j:
+    for i in range(0, len(rows), batch):
+        for j in range(0, len(rows), batch):
+            d = torch.cdist(rows[i : i + batch], rows[j : j + batch]).double()
+            if i == j:  # a distinct row's distance to itself (its copies are 0 apart)
                 d.fill_diagonal_(0.0)
-            total += d.double().sum().item()
+            total += (w[i : i + batch, None] * d * w[None, j : j + batch]).sum().item()
     return total / (n * (n - 1))
 
 

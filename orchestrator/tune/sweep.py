@@ -187,7 +187,6 @@ class SweepOutcome:
 def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> SweepOutcome:
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from orchestrator.data.shards import manifest_hash
     from orchestrator.tracking.mlflow import failed_on_error, open_run
@@ -217,12 +216,7 @@ def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> Sweep
     cpus = ray.cluster_resources().get("CPU", 1)
     per_trial = sweep.num_workers * sweep.cpus_per_worker
     concurrent = sweep.max_concurrent_trials or max(1, int(cpus // per_trial))
-    if sweep.scheduler == "asha":
-        # stop_last_trials=False: a trial that reaches max_kimg finishes by itself (final checkpoint, MLflow artifacts)
-        scheduler = ASHAScheduler(time_attr="progress/kimg", max_t=sweep.max_kimg, grace_period=sweep.grace_kimg,
-                                  reduction_factor=sweep.reduction_factor, stop_last_trials=False)  # fmt: skip
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = make_scheduler(sweep)
     trainable = tune.with_parameters(run_trial, base=base.to_dict(), sweep=dataclasses.asdict(sweep),
                                      parent_run_id=parent.run_id if parent else None,
                                      storage_path=trials_storage)  # fmt: skip
@@ -260,6 +254,18 @@ def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> Sweep
     return SweepOutcome(sweep.name, str(out), parent.url if parent else None, summary, records)
 
 
+def make_scheduler(sweep: SweepConfig):
+    """ASHA on ``progress/kimg`` (or FIFO) for the sweep's trials; a trial that reaches max_kimg always finishes."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from orchestrator.tune.scheduler import FinishingASHA
+
+    if sweep.scheduler != "asha":
+        return FIFOScheduler()
+    return FinishingASHA(time_attr="progress/kimg", max_t=sweep.max_kimg, grace_period=sweep.grace_kimg,
+                         reduction_factor=sweep.reduction_factor, stop_last_trials=False)  # fmt: skip
+
+
 def _random_search(sweep: SweepConfig):
     if sweep.search != "random":
         return None
@@ -276,9 +282,12 @@ def _finish_mlflow(parent, sweep: SweepConfig, out: Path, summary: dict, records
     client = MlflowClient(parent.tracking_uri)
     stopped = {f"{sweep.name}-{r.trial_id}" for r in records if r.early_stopped}
     for child in client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"):
-        if child.data.tags.get("ganforge.run_name") in stopped or child.info.status == "RUNNING":
+        if child.data.tags.get("ganforge.run_name") in stopped:
             client.set_tag(child.info.run_id, "ganforge.stopped_early", "true")
             client.set_terminated(child.info.run_id, "KILLED")
+        elif child.info.status == "RUNNING":  # not stopped by ASHA, yet never closed: its process died
+            client.set_tag(child.info.run_id, "ganforge.unclosed", "true")
+            client.set_terminated(child.info.run_id, "FAILED")
     client.log_artifacts(parent.run_id, str(out), "report")
     rec = summary["recommended"]
     c = summary["compute"]

@@ -19,6 +19,20 @@ def test_mean_pairwise_distance_by_hand():
         mean_pairwise_distance(torch.zeros(1, 3))
 
 
+def test_identical_rows_are_exactly_zero_apart_at_any_scale():
+    # a G that makes one image for every latent: cdist's matmul form alone gave ~1e-3 of the feature norm here
+    g = torch.Generator().manual_seed(1)
+    for scale in (1.0, 100.0, 1e4):
+        one = torch.randn(1, 2048, generator=g) * scale
+        assert mean_pairwise_distance(one.expand(500, -1)) == 0.0
+    # duplicates among distinct rows: every ordered pair counted, as a float64 brute force over all N rows
+    x = torch.randn(120, 32, generator=g) * 50
+    x = torch.cat([x, x[:40], x[:5]])
+    exact = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    for batch in (7, 4096):
+        assert mean_pairwise_distance(x, batch=batch) == pytest.approx(float(exact.sum()) / (165 * 164), rel=1e-6)
+
+
 def test_diversity_score():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(200, 16, generator=g)
