@@ -106,6 +106,7 @@ class AdaptiveAugment(nn.Module):
         if p < 0 or ada_kimg <= 0 or (target is not None and not 0 <= target <= 1):
             raise ValueError(f"ADA needs p >= 0 (got {p}), ada_kimg > 0 (got {ada_kimg}), target in [0, 1] ({target})")
         self.register_buffer("p", torch.tensor(float(p)))
+        self.p_host = float(p)  # p mirrored on the host: reading the buffer in every forward would sync the GPU
         self.target, self.ada_kimg = target, ada_kimg
         self.probs = {name: float(probs.get(name, 0.0)) for name in TRANSFORMS}
         self.xint_max, self.scale_std, self.rotate_max = xint_max, scale_std, rotate_max
@@ -120,19 +121,24 @@ class AdaptiveAugment(nn.Module):
         ``batch_images`` is the number of images (over all workers) that produced ``real_logits_sign_mean``.
         """
         if self.target is None:
-            return float(self.p)
+            return self.p_host
         direction = (
             math.copysign(1.0, real_logits_sign_mean - self.target) if real_logits_sign_mean != self.target else 0
         )
         self.p.copy_((self.p + direction * batch_images / (self.ada_kimg * 1000)).clamp(min=0))
-        return float(self.p)
+        self.p_host = float(self.p)
+        return self.p_host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.p_host = float(self.p)
 
     def _chance(self, name: str, n: int, device, generator) -> torch.Tensor:
         """Per-image boolean: does transform ``name`` fire (probability multiplier × p)."""
-        return torch.rand(n, device=device, generator=generator) < self.probs[name] * float(self.p)
+        return torch.rand(n, device=device, generator=generator) < self.probs[name] * self.p_host
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        p = float(self.p)
+        p = self.p_host
         if p <= 0:
             return images
         n, ch, h, w = images.shape

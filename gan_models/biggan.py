@@ -22,7 +22,7 @@ from torch import nn
 from gan_models import layers, losses
 from gan_models.ema import frozen, make_ema, update_ema
 from gan_models.losses import get_loss
-from gan_models.steps import LrScale, guarded_step, micro_batches, sign_accuracy, sync_if
+from gan_models.steps import LrScale, guarded_step, load_optimizer_state, micro_batches, sign_accuracy, sync_if
 from orchestrator.train.recipe import Wrap
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
@@ -343,6 +343,7 @@ class Recipe:
         self.z_dim, self.c_dim = self.G.z_dim, cfg.n_classes
         self.d_loss, self.g_loss = get_loss(hparams.loss)
         self.d_steps = self.g_steps = 0
+        self._parts: dict[int, list[torch.Tensor]] = {}
         self.last_g_loss = float("nan")  # no G step yet
         self.last_g_norm = float("nan")
 
@@ -356,6 +357,7 @@ class Recipe:
         # bf16 has fp32's range, so no GradScaler is needed; AMP is CUDA-only (CPU autocast is slower here).
         self.amp = amp and cuda
         self.accumulate = int(accumulate)
+        self._parts = {}
         self.G_train, self.D_eager = wrap(self.G), wrap(self.D)
         # Penalties double-backward through D, which compiled graphs cannot: they use the eager twin.
         self.D_train = torch.compile(self.D_eager) if compile else self.D_eager
@@ -375,7 +377,7 @@ class Recipe:
         self.lr_scale.set(scale)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
     def _fake_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.z_dim, device=self.device)
@@ -383,9 +385,15 @@ class Recipe:
         return z, y
 
     def _split(self, n: int) -> list[torch.Tensor]:
-        return [i.to(self.device) for i in micro_batches(n, self.accumulate)]
+        """Micro-batch index tensors on the device, made once per batch size (a copy to the GPU syncs the host)."""
+        if n not in self._parts:
+            self._parts[n] = [i.to(self.device) for i in micro_batches(n, self.accumulate)]
+        return self._parts[n]
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """One D step (and a G step every ``n_d``). Metric values are 0-d device tensors (plus the Python
+        ``health/nonfinite`` flag): the loop reads them once per tick, so a step syncs the host only to decide
+        whether its optimiser steps are finite."""
         self.G.train()
         self.D.train()
         n = images.shape[0]
@@ -401,7 +409,7 @@ class Recipe:
         parts = self._split(n)
         alpha = torch.rand(n, 1, 1, 1, device=self.device) if gp_weight else None  # one draw for all micro-batches
         penalties = [k for k, on in (("loss/gp", gp_weight), ("loss/r1", r1_gamma)) if on]
-        sums = dict.fromkeys(["loss/D", "D/real", "D/fake", "health/D_sign_acc", *penalties], 0.0)
+        sums: dict[str, Any] = dict.fromkeys(["loss/D", "D/real", "D/fake", "health/D_sign_acc", *penalties], 0.0)
         for i, idx in enumerate(parts):
             last = i == len(parts) - 1
             # Real and fake in one forward, so DDP and the SN power iteration see one forward per backward; only
@@ -412,9 +420,9 @@ class Recipe:
                 real_logits, fake_logits = logits.chunk(2)
                 loss_d = self.d_loss(real_logits, fake_logits)
                 (loss_d / len(parts)).backward()
-            sums["loss/D"] += float(loss_d.detach())
-            sums["D/real"] += float(real_logits.detach().mean())
-            sums["D/fake"] += float(fake_logits.detach().mean())
+            sums["loss/D"] += loss_d.detach()
+            sums["D/real"] += real_logits.detach().mean()
+            sums["D/fake"] += fake_logits.detach().mean()
             sums["health/D_sign_acc"] += sign_accuracy(real_logits, fake_logits)
             # Penalties: extra forwards through the eager D, reusing this step's spectral norms.
             if gp_weight:
@@ -423,14 +431,14 @@ class Recipe:
                         gp = losses.gradient_penalty(lambda x, c: self.D_eager(x, c).float(), images[idx],
                                                      fake[idx], labels[idx], alpha=alpha[idx])  # fmt: skip
                     (gp * gp_weight / len(parts)).backward()
-                sums["loss/gp"] += float(gp.detach())
+                sums["loss/gp"] += gp.detach()
             if r1_gamma:
                 with layers.power_iteration_off(self.D), sync_if(self.D_eager, last):
                     real = images[idx].detach().requires_grad_(True)
                     with self._autocast():
                         r1 = losses.r1_penalty(real, self.D_eager(real, labels[idx]).float())
                     (r1 * (r1_gamma / 2) / len(parts)).backward()
-                sums["loss/r1"] += float(r1.detach())
+                sums["loss/r1"] += r1.detach()
         if self.hp.d_ortho > 0:
             layers.ortho_reg_(self._d_ortho_params, self.hp.d_ortho)
         d_norm, d_ok = guarded_step(self.opt_D, self.D.parameters())
@@ -451,7 +459,7 @@ class Recipe:
         z, y = self._fake_inputs(n)
         parts = self._split(n)
         self.opt_G.zero_grad(set_to_none=True)
-        total = 0.0
+        total: Any = 0.0
         for i, idx in enumerate(parts):
             first_only = contextlib.ExitStack()
             if i:  # one power iteration per step in G and D, as without accumulation
@@ -464,7 +472,7 @@ class Recipe:
                 with self._autocast():
                     loss_g = self.g_loss(self.D_train(self.G_train(z[idx], y[idx]), y[idx]).float())
                 (loss_g / len(parts)).backward()
-            total += float(loss_g.detach())
+            total += loss_g.detach()
         if self.hp.g_ortho > 0:
             layers.ortho_reg_(self._g_ortho_params, self.hp.g_ortho)
         self.last_g_norm, ok = guarded_step(self.opt_G, self.G.parameters())
@@ -503,7 +511,7 @@ class Recipe:
             "opt_D": self.opt_D.state_dict(),
             "d_steps": self.d_steps,
             "g_steps": self.g_steps,
-            "last_g_loss": self.last_g_loss,
+            "last_g_loss": float(self.last_g_loss),
             "lr_scale": self.lr_scale.scale,
             "config": dataclasses.asdict(self.cfg),
         }
@@ -512,8 +520,8 @@ class Recipe:
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
         self.G_ema.load_state_dict(state["G_ema"])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
+        load_optimizer_state(self.opt_G, state["opt_G"])
+        load_optimizer_state(self.opt_D, state["opt_D"])
         self.d_steps, self.g_steps = state["d_steps"], state["g_steps"]
         self.last_g_loss = state["last_g_loss"]
         # The optimisers' saved lrs already carry the scale; re-applying it from the base keeps them exact.

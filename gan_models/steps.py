@@ -9,7 +9,6 @@ divided by ``k``, so the optimiser sees the full batch's mean gradient.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,42 +40,115 @@ def sync_if(module: nn.Module, last: bool):
     return getattr(module, "no_sync", contextlib.nullcontext)()
 
 
-def sign_accuracy(real_logits: Any, fake_logits: Any) -> float:
+def sign_accuracy(real_logits: Any, fake_logits: Any) -> torch.Tensor:
     """Fraction of D's decisions on the right side of 0: (#[D(x) > 0] + #[D(G(z)) < 0]) / (#real + #fake).
 
     Takes tensors (any shape, any device), arrays or sequences of logits; 0.5 is chance, 1.0 a D that separates
-    every real from every fake. Logits of exactly 0 count as wrong.
+    every real from every fake. Logits of exactly 0 count as wrong. A 0-d float32 tensor on the logits' device: the
+    training step reads nothing back from the device (see ``guarded_step``).
     """
     real = torch.as_tensor(real_logits).detach().flatten()
     fake = torch.as_tensor(fake_logits).detach().flatten()
     n = real.numel() + fake.numel()
     if n == 0:
         raise ValueError("sign_accuracy needs at least one logit")
-    return float(((real > 0).sum() + (fake < 0).sum()).item()) / n
+    return ((real > 0).sum() + (fake < 0).sum()).float() / n
 
 
-def grad_norm(parameters: Iterable[torch.Tensor]) -> float:
+def grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
     """Total L2 norm of the ``.grad`` of ``parameters`` (those without a grad are skipped): ``health/grad_norm_*``.
 
-    NaN/inf when any gradient holds one (the nonfinite rule catches it); 0.0 when no parameter has a gradient."""
+    A 0-d float32 tensor on the gradients' device, from one foreach kernel (not a kernel per parameter); NaN/inf when
+    any gradient holds one (the nonfinite rule catches it); 0 when no parameter has a gradient."""
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        return torch.zeros([])
+    return torch.nn.utils.get_total_norm(grads).float()
 
 
-def guarded_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> tuple[float, bool]:
-    """Steps ``opt`` only if every gradient is finite. Returns (total gradient L2 norm, stepped).
+def guarded_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> tuple[torch.Tensor, bool]:
+    """Steps ``opt`` only if every gradient is finite. Returns (total gradient L2 norm as a 0-d tensor, stepped).
 
     A NaN/inf gradient would poison Adam's moments for good; skipping the step keeps the weights healthy and the
-    health monitor sees the flag. Under DDP the gradients are already all-reduced, so every rank decides alike.
+    health monitor sees the flag. Under DDP the gradients are already all-reduced, so every rank decides alike. The
+    finiteness test is the step's one read from the device (a host sync on GPU); every other step metric stays a
+    device tensor until the loop reads a tick's worth at once.
     """
     norm = grad_norm(params)
-    if math.isfinite(norm):
+    if bool(torch.isfinite(norm)):
         opt.step()
         return norm, True
     opt.zero_grad(set_to_none=True)
     return norm, False
+
+
+def read_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """A step's (or a tick's) metrics as Python floats: tensors are read back in one transfer per device."""
+    on: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            on.setdefault(v.device, []).append(k)
+    read = {}
+    for keys in on.values():
+        values = torch.stack([metrics[k].detach().double().reshape(()) for k in keys]).tolist()
+        read.update(zip(keys, values, strict=True))
+    return {k: read[k] if k in read else float(v) for k, v in metrics.items()}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``opt.load_state_dict(state)`` with Adam's ``step`` counters on the CPU, wherever the state was loaded to.
+
+    Non-capturable, non-fused Adam keeps ``step`` where the state dict put it, and reads it once per parameter in
+    every step (``beta ** step``): a checkpoint loaded with ``map_location=cuda`` would cost two host syncs per
+    parameter tensor per step, for the rest of the run."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue  # these keep step on the parameters' device by design
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                opt.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)  # one read, at load time
+
+
+@contextlib.contextmanager
+def count_host_reads(*optimizers: torch.optim.Optimizer):
+    """Counts reads of tensor values into Python (``item``, ``float``/``int``/``bool`` of a tensor, ``tolist``)
+    inside the block: each is a host sync when the tensor lives on a GPU. Yields a ``collections.Counter`` by kind.
+
+    On the CPU nothing syncs, so this is how a test on the CPU sees what a GPU step would wait for. Reads of the
+    ``optimizers``' ``step`` counters are not counted: non-capturable Adam reads them once per parameter by design,
+    and they live on the CPU (the recipes' ``load_optimizer_state`` keeps them there), where no read syncs."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    names = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    own = {name: torch.Tensor.__dict__.get(name) for name in names}  # most are inherited from the C base class
+
+    def counted(name, fn):
+        def read(self, *args, **kwargs):
+            if not _is_step(self, optimizers):
+                counts[name] += 1
+            return fn(self, *args, **kwargs)
+
+        return read
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, counted(name, fn))
+    try:
+        yield counts
+    finally:
+        for name in names:
+            if own[name] is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, own[name])
+
+
+def _is_step(t: torch.Tensor, optimizers) -> bool:
+    """Whether ``t`` is one of the optimisers' step counters (Adam makes them lazily, at its first step)."""
+    return any(st.get("step") is t for opt in optimizers for st in opt.state.values())
 
 
 class LrScale:

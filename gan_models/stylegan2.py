@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_models import augment, ema, losses
-from gan_models.steps import LrScale, guarded_step, micro_batches, sign_accuracy, sync_if
+from gan_models.steps import LrScale, guarded_step, load_optimizer_state, micro_batches, sign_accuracy, sync_if
 from gan_models.stylegan2_ops import (
     Conv2dLayer,
     FullyConnectedLayer,
@@ -210,9 +210,12 @@ def labels_to_onehot(c: torch.Tensor | None, c_dim: int, n: int, device: torch.d
     if c.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
         if c.shape != (n,):
             raise ValueError(f"integer labels must have shape ({n},), got {tuple(c.shape)}")
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= c_dim):
-            raise ValueError(f"label values {c.min().item()}..{c.max().item()} outside 0..{c_dim - 1}")
-        return F.one_hot(c.to(device=device, dtype=torch.int64), c_dim).float()
+        # F.one_hot checks the values itself on the CPU, and on CUDA asserts on the device instead of reading
+        # min/max back to the host (a sync in every G and D forward)
+        try:
+            return F.one_hot(c.to(device=device, dtype=torch.int64), c_dim).float()
+        except RuntimeError as e:
+            raise ValueError(f"label values outside 0..{c_dim - 1}: {e}") from None
     if c.shape != (n, c_dim):
         raise ValueError(f"float labels must have shape ({n}, {c_dim}), got {tuple(c.shape)}")
     return c.to(device=device, dtype=torch.float32)
@@ -297,7 +300,12 @@ class SynthesisLayer(nn.Module):
         elif noise_mode == "const":
             x = x + (self.noise_const * self.noise_strength).to(x.dtype)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act(x, self.bias, act="lrelu", gain=gain, clamp=clamp)
+        bias = self.bias
+        if noise_mode == "none" and self.training:
+            # ×0 on the (per-channel) bias keeps noise_strength in the backward graph: DDP expects a gradient for
+            # every parameter and would otherwise never finish the step's reduction
+            bias = bias + self.noise_strength * 0
+        return bias_act(x, bias, act="lrelu", gain=gain, clamp=clamp)
 
 
 class ToRGBLayer(nn.Module):
@@ -408,6 +416,15 @@ class Generator(nn.Module):
         """Style mixing and returning ws happen here (not in the caller) so a DDP-wrapped G runs one forward per
         backward. With probability ``style_mixing_prob`` the ws from a random cutoff on come from a second z."""
         c = labels_to_onehot(c, self.c_dim, z.shape[0], z.device)
+        # The mapping stays fp32 under bf16 autocast, as NVlabs': ws (the path-length penalty differentiates by them)
+        # and their running mean keep full precision.
+        with torch.autocast(z.device.type, enabled=False):
+            ws = self._map(z, c, truncation_psi, truncation_cutoff, style_mixing_prob)
+        img = self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
+        return (img, ws) if return_ws else img
+
+    def _map(self, z, c, truncation_psi, truncation_cutoff, style_mixing_prob):
+        z, c = z.float(), c.float() if c is not None else None
         ws = self.mapping(z, c, truncation_psi, truncation_cutoff)
         if style_mixing_prob > 0:
             # As NVlabs: the second mapping always runs and the cutoff stays a tensor, so torch.compile traces one
@@ -418,8 +435,7 @@ class Generator(nn.Module):
             cutoff = torch.where(keep, torch.full_like(cutoff, self.num_ws), cutoff)
             ws2 = self.mapping(torch.randn_like(z), c, truncation_psi, truncation_cutoff, update_w_avg=False)
             ws = torch.where(torch.arange(self.num_ws, device=dev)[None, :, None] >= cutoff, ws2, ws)
-        img = self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
-        return (img, ws) if return_ws else img
+        return ws
 
 
 class DiscriminatorBlock(nn.Module):
@@ -558,6 +574,7 @@ class Recipe:
         cuda = self.device.type == "cuda"
         self.amp = amp and cuda  # bf16 autocast needs no loss scaling; on CPU we stay in fp32
         self.accumulate = int(accumulate)
+        self._parts: dict[int, list[torch.Tensor]] = {}
         # channels_last on CUDA; on CPU only for narrow nets: oneDNN ran the demo nets' (≤ 32 channels) G and D passes
         # ~20% faster than NCHW, but at NVlabs' widths the main passes were 2-6% and the R1 / path-length double
         # backward 15-20% slower (1 thread, 2026-11-23).
@@ -582,8 +599,8 @@ class Recipe:
             self._load_optimisers()
 
     def _load_optimisers(self) -> None:
-        self.opt_G.load_state_dict(self._pending_opt[0])
-        self.opt_D.load_state_dict(self._pending_opt[1])
+        load_optimizer_state(self.opt_G, self._pending_opt[0])
+        load_optimizer_state(self.opt_D, self._pending_opt[1])
         self._pending_opt = None
         self.lr_scale.set(self._pending_lr_scale)
 
@@ -595,7 +612,7 @@ class Recipe:
 
     def _autocast(self):
         if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
@@ -616,11 +633,12 @@ class Recipe:
 
     # -- one training cycle --------------------------------------------------------------------------------------------
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One cycle on a worker's batch, in ``accumulate`` micro-batches. Micro-batches take whole
         minibatch-stddev groups and every phase's loss is divided by their count, so with ``noise_mode="const"``,
         no style mixing and no augmentation the update equals the full batch's (asserted in the tests); path
-        length keeps NVlabs' per-round running mean."""
+        length keeps NVlabs' per-round running mean. Metric values are 0-d device tensors (and Python floats for
+        flags and ADA's p): the loop reads them once per tick; a step syncs only for its optimisers' finite checks."""
         if self.opt_G is None:
             raise RuntimeError("call setup(device, wrap) before train_step")
         hp = self.hp
@@ -628,13 +646,15 @@ class Recipe:
         n = images.shape[0]
         c = labels.to(self.device) if self.c_dim > 0 else None
         batch = n * _world_size()
-        parts = [i.to(self.device) for i in micro_batches(n, self.accumulate, self.cfg.mbstd_group_size)]
+        if n not in self._parts:  # index tensors made once per batch size: a copy to the GPU syncs the host
+            self._parts[n] = [i.to(self.device) for i in micro_batches(n, self.accumulate, self.cfg.mbstd_group_size)]
+        parts = self._parts[n]
         k = len(parts)
         sub = lambda t, idx: t[idx] if t is not None else None  # noqa: E731
         d_real_term, d_fake_term = losses.D_TERMS[hp.loss]
         g_loss = losses.get_loss(hp.loss)[1]
         d_no_sync = getattr(self.D_train, "no_sync", contextlib.nullcontext)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         nonfinite = False
 
         # Gmain: make D call fakes real. D is frozen for this phase (as NVlabs): the backward computes only the
@@ -646,7 +666,7 @@ class Recipe:
             with sync_if(self.G_train, i == k - 1), d_no_sync(), ema.frozen(self.D):
                 loss_G = g_loss(self._run_D(self._run_G(z[idx], sub(c, idx)), sub(c, idx)))
                 (loss_G / k).backward()
-            total += float(loss_G.detach())
+            total += loss_G.detach()
         g_norm, ok = guarded_step(self.opt_G, self.G.parameters())
         nonfinite |= not ok
         metrics["loss/G"], metrics["health/grad_norm_G"] = total / k, g_norm
@@ -660,7 +680,7 @@ class Recipe:
                 with sync_if(self.G_eager, i == k - 1):
                     img, ws = self._run_G(torch.randn(m, self.z_dim, device=self.device), sub(c, idx[:m]),
                                           G=self.G_eager, return_ws=True)  # fmt: skip
-                    pl_lengths = path_lengths(img.float(), ws)
+                    pl_lengths = path_lengths(img, ws)
                     batch_mean = pl_lengths.mean().detach()
                     if _world_size() > 1:  # one shared running mean, so every rank penalises the same target
                         dist.all_reduce(batch_mean)
@@ -671,7 +691,7 @@ class Recipe:
                     # The ×0 term keeps every G parameter in the graph (toRGB biases do not affect the path
                     # length), which DDP needs to finish its gradient reduction.
                     ((pl_penalty * hp.pl_weight * hp.pl_interval + img[:, 0, 0, 0].float().mean() * 0) / k).backward()
-                total += float(pl_penalty.detach())
+                total += pl_penalty.detach()
             _, ok = guarded_step(self.opt_G, self.G.parameters())
             nonfinite |= not ok
             metrics["loss/pl"] = total / k
@@ -683,7 +703,7 @@ class Recipe:
         with torch.no_grad():
             fake = self._run_G(torch.randn(n, self.z_dim, device=self.device), c).to(images.dtype)
         penalties = ["loss/gp"] if gp_weight else []
-        sums = dict.fromkeys(["loss/D", "D/real", "D/fake", "health/D_sign_acc", *penalties], 0.0)
+        sums: dict[str, Any] = dict.fromkeys(["loss/D", "D/real", "D/fake", "health/D_sign_acc", *penalties], 0.0)
         alpha = torch.rand(n, 1, 1, 1, device=self.device) if gp_weight else None  # one draw for all micro-batches
         for i, idx in enumerate(parts):
             last = i == k - 1
@@ -700,13 +720,13 @@ class Recipe:
                     gp = losses.gradient_penalty(lambda x, cc: self._run_D(x, cc, D=self.D_eager), images[idx],
                                                  fake[idx], sub(c, idx), alpha=alpha[idx])  # fmt: skip
                     (gp * gp_weight / k).backward()
-                sums["loss/gp"] += float(gp.detach())
+                sums["loss/gp"] += gp.detach()
             real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
-            sums["loss/D"] += float(loss_fake.detach() + loss_real.detach())
-            sums["D/real"] += float(real_logits.mean())
-            sums["D/fake"] += float(fake_logits.mean())
+            sums["loss/D"] += loss_fake.detach() + loss_real.detach()
+            sums["D/real"] += real_logits.mean()
+            sums["D/fake"] += fake_logits.mean()
             sums["health/D_sign_acc"] += sign_accuracy(real_logits, fake_logits)
-            self.ada_sign_sum += float(real_logits.sign().sum())
+            self.ada_sign_sum = self.ada_sign_sum + real_logits.sign().sum()  # read at the next p update
             self.ada_sign_count += len(idx)
         d_norm, ok = guarded_step(self.opt_D, self.D.parameters())
         nonfinite |= not ok
@@ -723,9 +743,9 @@ class Recipe:
                     with sync_if(self.D_eager, i == k - 1):
                         real = images[idx].detach().requires_grad_(True)
                         real_logits = self._run_D(real, sub(c, idx), D=self.D_eager)
-                        r1 = losses.r1_penalty(real, real_logits)
-                        ((r1 * (gamma / 2) * hp.r1_interval + real_logits.mean() * 0) / k).backward()
-                    total += float(r1.detach())
+                        r1 = losses.r1_penalty(real, real_logits)  # keeps all of D in the graph (DDP)
+                        (r1 * (gamma / 2) * hp.r1_interval / k).backward()
+                    total += r1.detach()
                 _, ok = guarded_step(self.opt_D, self.D.parameters())
                 nonfinite |= not ok
                 metrics["loss/r1"] = total / k
@@ -739,17 +759,20 @@ class Recipe:
         if self.ada is not None:
             if self.step % hp.ada_interval == 0:
                 self._update_ada()
-            metrics["aug/p"] = float(self.ada.p)
+            metrics["aug/p"] = self.ada.p_host
         else:
             metrics["aug/p"] = 0.0
         metrics["health/nonfinite"] = float(nonfinite)
         return metrics
 
     def _update_ada(self) -> None:
-        stats = torch.tensor([self.ada_sign_sum, float(self.ada_sign_count)], dtype=torch.float64, device=self.device)
+        sign_sum = torch.as_tensor(self.ada_sign_sum, dtype=torch.float64, device=self.device).reshape(1)
+        count = torch.tensor([float(self.ada_sign_count)], dtype=torch.float64, device=self.device)
+        stats = torch.cat([sign_sum, count])
         if _world_size() > 1:
             dist.all_reduce(stats)  # every worker then moves p identically
-        total, count = float(stats[0]), int(stats[1])
+        total, count = stats.tolist()
+        count = int(count)
         if count > 0:
             self.ada.update(total / count, count)
         self.ada_sign_sum, self.ada_sign_count = 0.0, 0
@@ -782,7 +805,7 @@ class Recipe:
             "step": self.step,
             "pl_mean": self.pl_mean.detach().clone(),
             "ada": self.ada.state_dict() if self.ada is not None else None,
-            "ada_sign": (self.ada_sign_sum, self.ada_sign_count),
+            "ada_sign": (float(self.ada_sign_sum), self.ada_sign_count),
             "lr_scale": self.lr_scale.scale if self.opt_G is not None else 1.0,
             "config": dataclasses.asdict(self.cfg),
             "hparams": dataclasses.asdict(self.hp),
@@ -809,6 +832,7 @@ def path_lengths(img: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
 
     The graph is kept (create_graph) so the penalty on these lengths can be back-propagated into G.
     """
+    img = img.float()
     noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
     (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
-    return grads.square().sum(dim=2).mean(dim=1).sqrt()
+    return grads.float().square().sum(dim=2).mean(dim=1).sqrt()

@@ -135,6 +135,39 @@ def _sample(parts: dict[str, bytes], resolution: int) -> tuple | None:
     return np.frombuffer(data, dtype=np.uint8), label, size != (resolution, resolution)
 
 
+# ---------------------------------------------------------------------------------------------------------- decode
+def decode_backend(device: torch.device | str | None) -> str:
+    """DALI's decoder backend for batches on ``device``: ``"mixed"`` (on the GPU) for a CUDA device when CUDA is
+    available, else ``"cpu"`` (the loader falls back). Part of the FID reference key: the backends' pixels differ."""
+    device = torch.device(device or "cpu")
+    return "mixed" if device.type == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def decoder_args(use_gpu: bool, channels: int) -> dict:
+    """``fn.decoders.image``'s arguments. nvJPEG (mixed) upsamples JPEG chroma unlike libjpeg-turbo (cpu) unless
+    told to use fancy upsampling, as the cpu backend always does (it ignores the flag): without it, GPU training saw
+    other pixels than the CPU decode of the same JPEG."""
+    args = {"device": "mixed" if use_gpu else "cpu", "output_type": types.GRAY if channels == 1 else types.RGB}
+    if use_gpu:
+        args["jpeg_fancy_upsampling"] = True
+    return args
+
+
+# Out-of-memory and CUDA failures are the device's, not an image's: "recovering" would re-send every image forever.
+_DEVICE_ERRORS = ("out of memory", "cudaerror", "cuda error", "cuda_error", "cuda runtime error")
+
+
+def is_decode_error(exc: BaseException) -> bool:
+    """Whether DALI failed because of an image in the batch (the loader drops it and goes on), judged from DALI's
+    message, e.g. "Error in CPU operator `nvidia.dali.fn.decoders.image` ... Failed to decode sample #16 : "."""
+    if isinstance(exc, torch.OutOfMemoryError) or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    if any(marker in text for marker in _DEVICE_ERRORS):
+        return False
+    return "failed to decode" in text or "operator `nvidia.dali.fn.decoders.image`" in text
+
+
 # ---------------------------------------------------------------------------------------------------------- index
 class _Index:
     """A shard's DALI index as arrays: where each sample's members, image and label lie in the tar.
@@ -373,11 +406,14 @@ class ShardLoader:
             self._turn = (self._turn + 1) % len(self._iters)
             try:
                 out = next(it)[0]
-            except RuntimeError:
+            except RuntimeError as exc:
                 if self._failure is not None:  # the reader gave up (S3 gone for minutes): say so, plainly
                     raise self._failure from None
-                self._recover_from_decode_error()
+                if not is_decode_error(exc):  # out of memory, CUDA, a bug: nothing a skipped image would fix
+                    raise
+                self._recover_from_decode_error(exc)
                 continue
+            self._fruitless = 0
             (self._epoch, self._pos), skipped = self._pending.popleft()[:2]
             self.skipped += skipped
             images = out["images"].to(self.device, non_blocking=True)
@@ -438,6 +474,7 @@ class ShardLoader:
         self._failure: Exception | None = None
         self._pending: deque = deque()  # batches handed to DALI, not yet delivered: (position after, skipped, data)
         self._requeued: tuple | None = None  # (position after, samples) of a batch DALI failed on, to go out again
+        self._fruitless = 0  # decode failures in a row whose batch held no image PIL rejects
         block = self._pos // self.window * self.window
         self._thread = threading.Thread(target=self._read, args=(self._epoch, block), daemon=True,
                                         name=f"gf-shards-r{self.rank}")  # fmt: skip
@@ -448,7 +485,7 @@ class ShardLoader:
         # hand-offs between the threads of one pipeline left the cores idle a third of the time on small images
         # (in-memory decode at 64² on 2 cores: 2 pipelines × 1 thread 45k img/s, 1 pipeline × 2 threads 32k).
         # The mixed GPU decoder parallelises on the device: one pipeline there.
-        use_gpu = self.device.type == "cuda" and torch.cuda.is_available()
+        use_gpu = decode_backend(self.device) == "mixed"
         n = 1 if use_gpu else self.cfg.num_threads
         self._staged: list[deque] = [deque() for _ in range(n)]  # batches made for each pipeline, not yet fed
         self._made, self._turn = 0, 0
@@ -464,9 +501,11 @@ class ShardLoader:
         def source():
             return self._feed(j)
 
-        # CPU: the dynamic executor hands its output buffers to torch without a copy (DALIGenericIterator copies
-        # otherwise, into freshly allocated tensors): in-memory decode at 64², 52k img/s against 33k.
-        @pipeline_def(enable_conditionals=True, exec_dynamic=not use_gpu)
+        # The dynamic executor (DALI 2.4's default) on both backends: it hands its output buffers to torch without a
+        # copy (DLPack; DALIGenericIterator copies otherwise, into freshly allocated tensors: in-memory decode at 64²
+        # on CPU, 52k img/s against 33k), and it is the executor whose recovery from a failed batch is tested (on CPU,
+        # tests/integration/test_data_s3.py). Said explicitly so a change of DALI's default cannot change either.
+        @pipeline_def(enable_conditionals=True, exec_dynamic=True)
         def pipe():
             dtypes = [types.UINT8, types.INT64, types.INT32, types.BOOL] + ([types.FLOAT] * 2 if self._crop else [])
             data, labels, mirror, resize, *box = fn.external_source(source=source, num_outputs=len(dtypes),
@@ -474,8 +513,7 @@ class ShardLoader:
             # A grey dataset (manifest "channels": 1) is decoded and normalised as one channel, broadcast to RGB
             # only as a view (__iter__): DALI's float output is what costs at 256² (decode 148 µs/img, normalising
             # three channels 180 µs, one channel 70 µs).
-            images = fn.decoders.image(data, device="mixed" if use_gpu else "cpu",
-                                       output_type=types.GRAY if ch == 1 else types.RGB)  # fmt: skip
+            images = fn.decoders.image(data, **decoder_args(use_gpu, ch))
             if resize:  # per sample: a random crop, or a stored size that differs (never, for shards we wrote)
                 crop = {"roi_start": box[0], "roi_end": box[1], "roi_relative": True} if box else {}
                 images = fn.resize(images, size=[res, res], antialias=True, **crop)
@@ -572,9 +610,18 @@ class ShardLoader:
         batch = (encoded, np.array([x[1] for x, _ in kept], np.int64), aug[:, 0].astype(np.int32), resize)
         return (*batch, aug[:, 1:3].copy(), aug[:, 3:].copy()) if self._crop else batch
 
-    def _recover_from_decode_error(self) -> None:
+    def _recover_from_decode_error(self, exc: BaseException) -> None:
         """DALI failed on a batch that passed the cheap checks: find the bad images with PIL (rare, so the slow
-        probe is fine) and send the good ones out again. DALI keeps running after a failed iteration."""
+        probe is fine) and send the good ones out again. DALI keeps running after a failed iteration.
+
+        Each failure is blamed on the oldest batch in flight. More failures in a row than there are batches in flight
+        (+1: the re-sent one) without an image PIL rejects mean DALI fails on images PIL decodes, or not on an image
+        at all: re-sending them would loop forever, so that is a DataError."""
+        said = [ln.strip() for ln in str(exc).split("encountered:")[-1].splitlines() if ln.strip()]
+        reason = said[0] if said else type(exc).__name__  # DALI's own words, e.g. "Failed to decode sample #16 :"
+        if not self._pending:
+            raise DataError(f"DALI reported a decode error with no batch in flight: {reason}") from exc
+        in_flight = len(self._pending)
         after, skipped, kept = self._pending.popleft()
         self.skipped += skipped
         good = []
@@ -587,6 +634,10 @@ class ShardLoader:
                 self.skipped += 1
         log.warning("DALI could not decode a batch; %d of %d images were bad and are skipped",
                     len(kept) - len(good), len(kept))  # fmt: skip
+        self._fruitless = self._fruitless + 1 if len(good) == len(kept) else 0
+        if self._fruitless > in_flight + 1:
+            raise DataError(f"DALI failed {self._fruitless} times in a row on batches whose images PIL decodes "
+                            f"({reason}); giving up rather than re-sending them forever") from exc  # fmt: skip
         if self._requeued and self._requeued[1]:  # (cannot happen: a requeued batch is re-sent before new ones)
             good += list(self._requeued[1])
         self._requeued = (max(after, self._requeued[0]) if self._requeued else after, deque(good))

@@ -48,9 +48,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This worker's RNG states. On a GPU only its own device's generator: Ray Train shows every worker of a node all
+    of the node's GPUs, and a state per visible GPU would be restored into other devices' generators (or fail with
+    an IndexError) when the worker comes back on a node with fewer GPUs, or as another local rank."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -58,8 +61,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, list | tuple):  # checkpoints before one-device states: one state per then-visible GPU
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is None:
+            return
+    torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
 def save(directory: str | Path, *, rank: int, rank_state: dict[str, Any], shared: dict[str, Any] | None,

@@ -211,6 +211,8 @@ class Evaluator:
         self.resolution = int(manifest["resolution"])
         self.num_classes = int(manifest.get("num_classes", 0))
         self.ref_n = min(cfg.train.metric_ref_n, int(manifest["num_samples"]))
+        from orchestrator.data.loader import decode_backend  # lazily, like _read_real: it imports DALI
+
         self.key_parts = {
             "manifest": manifest_hash,
             "network": self.extractor.name,
@@ -218,6 +220,7 @@ class Evaluator:
             "resolution": self.resolution,
             "n": self.ref_n,
             "hflip": False,
+            "decoder": decode_backend(self.device),  # the reference pass's loader decodes there: GPU pixels differ
         }
         self.signals_on = bool(cfg.train.quality_signals)
         self.pr_n = signal_set_size(cfg.train.pr_n, cfg.train.metric_n, self.ref_n) if self.signals_on else 0

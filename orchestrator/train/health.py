@@ -112,12 +112,15 @@ def ema_drift(G: torch.nn.Module, G_ema: torch.nn.Module) -> float:
     """Relative L2 distance of G_ema's parameters from G's: ‖θ_G − θ_ema‖ / ‖θ_G‖ over every parameter (buffers
     excluded), in float64. 0 while the EMA only copies G; a steady small value while both learn; a jump when G moves
     away faster than the average follows (a divergence, or an lr too high for the EMA's half-life)."""
-    diff = total = 0.0
     with torch.no_grad():
-        for p, q in zip(G.parameters(), G_ema.parameters(), strict=True):
-            p64 = p.detach().double()
-            diff += float(torch.sum((p64 - q.detach().to(p64)) ** 2))
-            total += float(torch.sum(p64**2))
+        p64 = [p.detach().double() for p in G.parameters()]
+        q64 = [q.detach().double() for q in G_ema.parameters()]
+        if len(p64) != len(q64):
+            raise ValueError(f"G has {len(p64)} parameters, G_ema {len(q64)}")
+        # foreach norms, one read from the device for both sums (not two per parameter)
+        diff = torch.stack(torch._foreach_norm(torch._foreach_sub(p64, q64))).square().sum()
+        total = torch.stack(torch._foreach_norm(p64)).square().sum()
+        diff, total = torch.stack([diff, total]).tolist()
     return math.sqrt(diff) / math.sqrt(total) if total > 0 else 0.0
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import gan_models
+from gan_models.steps import read_metrics
 from orchestrator.config import JobConfig
 from orchestrator.data.loader import ShardLoader
 from orchestrator.env import Env
@@ -93,21 +94,27 @@ class Snapshot:
     quality: dict[str, Any]
 
 
-def reduce_tick(sums: Mapping[str, float], counts: Mapping[str, int]) -> dict[str, float]:
+def reduce_tick(sums: Mapping[str, Any], counts: Mapping[str, int]) -> dict[str, float]:
     """The tick's mean of every signal over all steps of all ranks (Σ values / Σ counts, float64), identical on
     every rank, so every rank's health monitor reaches the same verdict. A NaN/inf on one rank makes the mean
-    non-finite everywhere. A signal only some ranks reported is averaged over the steps that reported it."""
+    non-finite everywhere. A signal only some ranks reported is averaged over the steps that reported it.
+
+    ``sums`` hold Python floats or 0-d device tensors (the recipes keep step metrics on the device): they are read
+    back here once per tick, in one transfer, not once per metric per step."""
     if not ddp.active():
-        return {k: float(v) / counts[k] for k, v in sums.items()}
+        return read_metrics({k: v / counts[k] for k, v in sums.items()})
     every: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(every, sorted(sums))
     keys = sorted(set().union(*every))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([float(sums.get(k, 0.0)) for k in keys] + [float(counts.get(k, 0)) for k in keys],
-                     dtype=torch.float64, device=device)  # fmt: skip
+    if not keys:
+        return {}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64).to(device).reshape(()) for k in keys]
+    steps = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
+    t = torch.cat([torch.stack(values), steps])
     dist.all_reduce(t)
     n = len(keys)
-    return {k: float(t[i] / t[n + i]) for i, k in enumerate(keys)}
+    return dict(zip(keys, (t[:n] / t[n:]).tolist(), strict=True))
 
 
 def apply_fire_drill(recipe, drill, lr_scale: float) -> None:
@@ -156,7 +163,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     drill, drill_done = cfg.health.drill, False
     restored = ray.train.get_checkpoint()
     if restored:
-        shared, mine = ckpt.restore(restored, rank, map_location=device)
+        # onto the CPU: modules and optimisers copy what they hold to the parameters' device themselves, and Adam's
+        # step counters must stay on the CPU (load_optimizer_state)
+        shared, mine = ckpt.restore(restored, rank, map_location="cpu")
         recipe.load_state_dict(shared["recipe"])
         step, tick = shared["step"], shared["tick"]
         quality.update(shared.get("quality", {}))
@@ -324,7 +333,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             # Back to the last healthy checkpoint's weights, optimiser moments and counters; the data stream and
             # RNGs go on (the same batches would lead to the same place), the monitor keeps its rollback count.
             bad_step, step, tick = step, good.step, good.tick
-            recipe.load_state_dict(copy_state(good.recipe, device))
+            recipe.load_state_dict(copy_state(good.recipe, "cpu"))  # a private copy: loading on the CPU may share
             quality.clear()
             quality.update(copy.deepcopy(good.quality))
             prev_kimg = step * global_batch / 1000.0

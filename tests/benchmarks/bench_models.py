@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import gan_models
+from gan_models.steps import count_host_reads
 from gan_models import losses, stylegan2
 from orchestrator.config import build_config
 
@@ -335,6 +336,11 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
     if device.type != "cuda":
         for k, fn in paths.items():
             cpu_peak(fn, mems["eager" if k.startswith("eager") else "recipe"])
+    reads = {}  # tensor reads into Python per phase: each is a host sync on a GPU (Adam's CPU step counters aside)
+    for label, _, _ in phases:
+        with count_host_reads(recipe.opt_G, recipe.opt_D) as counted:
+            paths[label]()
+        reads[label] = sum(counted.values())
     med = {k: statistics.median(v) for k, v in times.items()}
     step_s = sum(w * med[label] for label, _, w in phases)
     eager_s = sum(w * med[f"eager/{label}"] for label, _, w in phases)
@@ -356,6 +362,7 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
         "step_cpu_s": round(step_cpu, 5),
         "eager_cpu_s": round(eager_cpu, 5),
         "cpu_speedup": round(eager_cpu / step_cpu, 3),
+        "host_syncs_per_step": round(sum(w * reads[label] for label, _, w in phases), 2),
         "peak_mem_mb": round(mems["recipe"]["peak"] / 2**20, 1),
         "eager_peak_mem_mb": round(mems["eager"]["peak"] / 2**20, 1),
         "mem_kind": "cuda max_memory_allocated"
@@ -453,7 +460,7 @@ def main() -> None:
     table = Table(title=f"training step, recipe ({mode}{', compiled' if args.compile else ''}) vs plain eager fp32 "
                         f"— {describe(device)}")  # fmt: skip
     for col in ("model/config", "batch", "step s", "img/s", "eager s", "eager img/s", "speedup", "unreg. speedup",
-                "peak MB",
+                "syncs/step", "peak MB",
                 "eager MB", "GFLOP/step", "TFLOP/s"):  # fmt: skip
         table.add_column(col, justify="left" if col == "model/config" else "right", no_wrap=col == "model/config")
     if not cuda:
@@ -469,7 +476,7 @@ def main() -> None:
             continue
         cells = [name, str(r["batch"]), f"{r['step_s']:.4f}", f"{r['img_per_s']:,.1f}", f"{r['eager_step_s']:.4f}",
                  f"{r['eager_img_per_s']:,.1f}", f"{r['speedup']:.2f}×", f"{r['speedup_unregularised']:.2f}×",
-                 f"{r['peak_mem_mb']:,.0f}",
+                 f"{r.get('host_syncs_per_step', float('nan')):.2f}", f"{r['peak_mem_mb']:,.0f}",
                  f"{r['eager_peak_mem_mb']:,.0f}", f"{r.get('gflop_per_step', float('nan')):,.1f}",
                  f"{r.get('tflop_per_s', float('nan')):.4f}"]  # fmt: skip
         if not cuda:

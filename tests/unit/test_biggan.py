@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 
 import gan_models
 from gan_models import biggan, layers, losses
+from gan_models.steps import read_metrics
 from orchestrator.train.recipe import Recipe as RecipeProtocol
 
 # A tiny model with attention in G (16²) and in every D block (BigGAN-PyTorch labels all 32² D blocks '16').
@@ -171,14 +172,14 @@ def test_recipe_is_a_recipe_and_steps():
     assert isinstance(r, RecipeProtocol)
     assert (r.z_dim, r.c_dim) == (16, 3)
     before = snapshot(r)
-    m1 = r.train_step(*batch())
+    m1 = read_metrics(r.train_step(*batch()))
     d_keys = {"loss/D", "D/real", "D/fake", "health/D_sign_acc", "health/grad_norm_D", "health/nonfinite"}
     assert set(m1) == d_keys and all(isinstance(v, float) for v in m1.values())
     assert m1["health/nonfinite"] == 0.0 and m1["health/grad_norm_D"] > 0 and 0 <= m1["health/D_sign_acc"] <= 1
     after_d = snapshot(r)
     assert not torch.equal(before["D.linear.bias"], after_d["D.linear.bias"])
     assert torch.equal(before["G.linear.bias"], after_d["G.linear.bias"])  # n_d=2: no G step yet
-    m2 = r.train_step(*batch())
+    m2 = read_metrics(r.train_step(*batch()))
     assert (r.d_steps, r.g_steps) == (2, 1) and set(m2) == d_keys | {"loss/G", "health/grad_norm_G"}
     assert not torch.equal(after_d["G.linear.bias"], r.G.linear.bias)
     torch.testing.assert_close(r.G_ema.linear.bias, r.G.linear.bias, rtol=0, atol=0)  # before ema_start: a copy
@@ -207,9 +208,9 @@ def test_state_dict_round_trip_continues_identically():
     b = make_recipe(123)  # different weights until loaded
     b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
     torch.manual_seed(7)
-    ma = a.train_step(*batch(3))
+    ma = read_metrics(a.train_step(*batch(3)))
     torch.manual_seed(7)
-    mb = b.train_step(*batch(3))
+    mb = read_metrics(b.train_step(*batch(3)))
     assert ma == mb
     assert_same(snapshot(a), snapshot(b))
     assert a.opt_G.state_dict()["state"].keys() == b.opt_G.state_dict()["state"].keys()
@@ -306,7 +307,7 @@ def test_accumulated_d_update_equals_the_full_batch(hp):
     for k in (1, 2, 4):
         r = make_recipe(0, accumulate=k, n_d=2, **hp)  # n_d=2: the first step updates D only
         torch.manual_seed(5)
-        m = r.train_step(*batch(1, n=8))
+        m = read_metrics(r.train_step(*batch(1, n=8)))
         results.append((d_state(r), m))
     (full, m_full), *rest = results
     for state, m in rest:
@@ -340,14 +341,14 @@ def test_losses_as_options():
     for loss in ("hinge", "logistic", "wgan"):
         r = make_recipe(0, loss=loss, n_d=1)
         torch.manual_seed(3)
-        values[loss] = r.train_step(images, labels)
+        values[loss] = read_metrics(r.train_step(images, labels))
     assert values["wgan"]["loss/gp"] > 0 and "loss/gp" not in values["hinge"]
     # same weights and fakes: the losses differ exactly as their formulas do
     real, fake = values["hinge"]["D/real"], values["hinge"]["D/fake"]
     assert values["logistic"]["D/real"] == pytest.approx(real) and values["wgan"]["D/fake"] == pytest.approx(fake)
     assert values["wgan"]["loss/D"] == pytest.approx(fake - real, abs=1e-6)
     assert biggan.HParams(loss="wgan").resolved_gp_weight == 10.0 and biggan.HParams().resolved_gp_weight == 0.0
-    r1 = make_recipe(0, r1_gamma=10.0).train_step(images, labels)
+    r1 = read_metrics(make_recipe(0, r1_gamma=10.0).train_step(images, labels))
     assert r1["loss/r1"] > 0
     with pytest.raises(ValueError, match="gp_weight -1"):
         biggan.HParams(gp_weight=-1)
@@ -358,11 +359,11 @@ def test_nonfinite_gradients_skip_the_step_and_raise_the_flag():
     before = snapshot(r)
     images, labels = batch(1)
     images[0, 0, 0, 0] = float("nan")
-    m = r.train_step(images, labels)
+    m = read_metrics(r.train_step(images, labels))
     assert m["health/nonfinite"] == 1.0 and not math.isfinite(m["health/grad_norm_D"])
     after = snapshot(r)
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("D.") and "parametrizations" not in k)
-    assert r.train_step(*batch(2))["health/nonfinite"] == 0.0  # the next clean batch trains normally
+    assert read_metrics(r.train_step(*batch(2)))["health/nonfinite"] == 0.0  # the next clean batch trains normally
 
 
 def test_lr_scale_and_its_checkpoint():

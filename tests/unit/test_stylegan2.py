@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import gan_models
 from gan_models import losses
+from gan_models.steps import read_metrics
 from gan_models.stylegan2 import Config, HParams, Recipe, num_params, path_lengths
 from gan_models.stylegan2_ops import (
     FullyConnectedLayer,
@@ -357,7 +358,7 @@ def test_train_steps_lazy_schedule_and_metrics():
     ema_before = copy.deepcopy(recipe.G_ema.state_dict())
     seen = []
     for _ in range(4):
-        m = recipe.train_step(images, labels)
+        m = read_metrics(recipe.train_step(images, labels))
         assert all(math.isfinite(v) for v in m.values())
         assert {"loss/G", "loss/D", "D/real", "D/fake", "aug/p"} <= set(m)
         seen.append(("loss/pl" in m, "loss/r1" in m))
@@ -372,7 +373,7 @@ def test_train_steps_lazy_schedule_and_metrics():
 def test_recipe_conditional_and_diffaugment_step():
     recipe = make_recipe(c_dim=3, augment="diffaugment")
     images, labels = batch(c_dim=3)
-    m = recipe.train_step(images, labels)
+    m = read_metrics(recipe.train_step(images, labels))
     assert math.isfinite(m["loss/D"]) and "loss/r1" in m
     out = recipe.sample(recipe.latents(4, torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0]), 0.7)
     assert out.shape == (4, 3, 16, 16) and out.abs().max() <= 1
@@ -394,7 +395,7 @@ def test_same_seed_same_training():
         recipe = make_recipe(augment="ada", augment_p=0.5)
         torch.manual_seed(123)
         images, labels = batch()
-        runs.append([recipe.train_step(images, labels) for _ in range(2)])
+        runs.append([read_metrics(recipe.train_step(images, labels)) for _ in range(2)])
     assert runs[0] == runs[1]
 
 
@@ -410,9 +411,9 @@ def test_state_dict_round_trip_gives_identical_next_step():
     b.load_state_dict(state)
     b.setup(torch.device("cpu"), lambda m: m)
     torch.manual_seed(7)
-    ma = [a.train_step(images, labels) for _ in range(2)]
+    ma = [read_metrics(a.train_step(images, labels)) for _ in range(2)]
     torch.manual_seed(7)
-    mb = [b.train_step(images, labels) for _ in range(2)]
+    mb = [read_metrics(b.train_step(images, labels)) for _ in range(2)]
     assert ma == mb
     for key in ("G", "D", "G_ema"):
         sa, sb = getattr(a, key).state_dict(), getattr(b, key).state_dict()
@@ -439,7 +440,7 @@ def test_accumulation_equals_the_full_batch(hp):
         recipe = make_recipe(c_dim=3, accumulate=k, **EXACT, **hp)
         images, labels = batch(n=16, c_dim=3)
         torch.manual_seed(11)
-        metrics = [recipe.train_step(images, labels) for _ in range(2)]
+        metrics = [read_metrics(recipe.train_step(images, labels)) for _ in range(2)]
         results[k] = (params(recipe), metrics)
     full, m_full = results[1]
     for k in (2, 4):
@@ -489,18 +490,18 @@ def test_accumulation_under_ddp_matches_one_process():
 
 def test_health_signals_losses_and_lr_scale():
     recipe = make_recipe()
-    m = recipe.train_step(*batch())
+    m = read_metrics(recipe.train_step(*batch()))
     assert {"health/grad_norm_G", "health/grad_norm_D", "health/D_sign_acc", "health/nonfinite"} <= set(m)
     assert m["health/nonfinite"] == 0.0 and m["health/grad_norm_G"] > 0 and 0 <= m["health/D_sign_acc"] <= 1
     images, labels = batch()
     images[3] = float("nan")
     before = params(recipe)
-    bad = recipe.train_step(images, labels)
+    bad = read_metrics(recipe.train_step(images, labels))
     assert bad["health/nonfinite"] == 1.0
     after = params(recipe)
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("D."))  # D's step was skipped
     for loss in ("hinge", "wgan"):
-        m = make_recipe(loss=loss).train_step(*batch())
+        m = read_metrics(make_recipe(loss=loss).train_step(*batch()))
         assert math.isfinite(m["loss/D"]) and (("loss/gp" in m) == (loss == "wgan"))
     assert HParams(loss="wgan").resolved_gp_weight == 10.0 and HParams().resolved_gp_weight == 0.0
     with pytest.raises(ValueError, match="unknown loss 'lsgan'"):
