@@ -47,8 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import gan_models
-from gan_models.steps import count_host_reads
 from gan_models import losses, stylegan2
+from gan_models.steps import count_host_reads
 from orchestrator.config import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
