@@ -37,7 +37,9 @@ def batch(model: str, seed: int = 1):
 
 
 def weights(recipe) -> dict[str, torch.Tensor]:
-    return {f"{k}.{n}": t.detach().clone() for k in ("G", "D", "G_ema") for n, t in getattr(recipe, k).state_dict().items()}  # fmt: skip
+    return {
+        f"{k}.{n}": t.detach().clone() for k in ("G", "D", "G_ema") for n, t in getattr(recipe, k).state_dict().items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------- 1. bf16 autocast
@@ -87,7 +89,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("model,hp", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in hp.items()) or 'defaults'}" for m, hp in CASES])  # fmt: skip
+@pytest.mark.parametrize("model,hp", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in h.items()) or 'defaults'}"
+                                                  for m, h in CASES])  # fmt: skip
 def test_every_loss_option_trains_under_ddp_exactly_as_one_process(process_group, model, hp):
     """DDP (find_unused_parameters=False, as Ray's prepare_model builds it) needs a gradient for every parameter in
     every synchronised backward: penalties on ∇ₓD never reach D's output bias, noise_mode=none never uses the noise
@@ -102,7 +105,8 @@ def test_every_loss_option_trains_under_ddp_exactly_as_one_process(process_group
     a, b = weights(plain), weights(wrapped)
     for key in a:  # world 1: DDP's averaging is the identity, so the updates are the same to the bit
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
-    assert not torch.equal(a["G." + next(iter(plain.G.state_dict()))], weights(make(model, **hp))["G." + next(iter(plain.G.state_dict()))])  # fmt: skip
+    first = "G." + next(iter(plain.G.state_dict()))
+    assert not torch.equal(a[first], weights(make(model, **hp))[first])  # and training did move G
 
 
 # ---------------------------------------------------------------------------- 3. CUDA RNG: this worker's device only
@@ -123,7 +127,10 @@ class FakeCuda:
         monkeypatch.setattr(cuda, "set_rng_state_all", lambda states: [self._set(s, i) for i, s in enumerate(states)])
 
     def _index(self, device) -> int:
-        i = self.current if device is None or device == "cuda" else torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index  # fmt: skip
+        if device is None or device == "cuda":
+            i = self.current
+        else:
+            i = device if isinstance(device, int) else torch.device(device).index
         if i >= self.count:
             raise IndexError("tuple index out of range")  # torch.cuda.default_generators[i]
         return i
