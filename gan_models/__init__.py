@@ -6,7 +6,7 @@ Each model module (``gan_models.biggan``, ``gan_models.stylegan2``) exposes:
                  defaults for the resolution (``Config.for_resolution`` / ``__post_init__``),
 * ``HParams``  – training hyper-parameter dataclass (lrs, betas, loss, EMA, regularisers),
 * ``build(cfg) -> (G, D)``,
-* ``Recipe(cfg, hparams)`` – implements ``orchestrator.train.recipe.Recipe``.
+* ``Recipe(cfg, hparams)`` – implements ``gan_models.protocol.Recipe``.
 """
 
 from __future__ import annotations
@@ -44,5 +44,5 @@ def build(name: str, **overrides):
 
 
 def make_recipe(name: str, cfg, hparams):
-    """The training recipe (orchestrator.train.recipe.Recipe) for a model config and its hyper-parameters."""
+    """The training recipe (``gan_models.protocol.Recipe``) for a model config and its hyper-parameters."""
     return module(name).Recipe(cfg, hparams)

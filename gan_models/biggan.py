@@ -22,8 +22,8 @@ from torch import nn
 from gan_models import layers, losses
 from gan_models.ema import frozen, make_ema, update_ema
 from gan_models.losses import get_loss
+from gan_models.protocol import Wrap
 from gan_models.steps import LrScale, guarded_step, load_optimizer_state, micro_batches, sign_accuracy, sync_if
-from orchestrator.train.recipe import Wrap
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
 # Paper / BigGAN-PyTorch defaults per resolution: 128-512 from its TFHub converter and ImageNet launch script;

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_models import augment, ema, losses
+from gan_models.protocol import Wrap
 from gan_models.steps import LrScale, guarded_step, load_optimizer_state, micro_batches, sign_accuracy, sync_if
 from gan_models.stylegan2_ops import (
     Conv2dLayer,
@@ -568,7 +569,7 @@ class Recipe:
         betas = tuple(b**mb_ratio for b in self.hp.betas)
         return torch.optim.Adam(params, lr=lr * mb_ratio, betas=betas, eps=self.hp.eps)
 
-    def setup(self, device: torch.device, wrap, *, amp: bool = False, accumulate: int = 1,
+    def setup(self, device: torch.device, wrap: Wrap, *, amp: bool = False, accumulate: int = 1,
               compile: bool = False) -> None:  # fmt: skip
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"

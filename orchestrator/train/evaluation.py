@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gan_models.protocol import Recipe
 from orchestrator.config import JobConfig
 from orchestrator.env import Env, split_s3_uri
 from orchestrator.metrics.diversity import class_report, diversity_score, mean_pairwise_distance
@@ -202,7 +203,7 @@ class Evaluator:
     After each call ``last_signals`` holds the mode-collapse signals (empty with ``train.quality_signals=false``)
     and ``last_class_report`` the domain classifier's per-class detail (``diversity.class_report``) or ``None``."""
 
-    def __init__(self, cfg: JobConfig, recipe, *, rank: int, world: int, device: torch.device, env: Env | None,
+    def __init__(self, cfg: JobConfig, recipe: Recipe, *, rank: int, world: int, device: torch.device, env: Env | None,
                  manifest: dict, manifest_hash: str) -> None:  # fmt: skip
         self.cfg, self.recipe, self.rank, self.world = cfg, recipe, rank, world
         self.device, self.env = torch.device(device), env

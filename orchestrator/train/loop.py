@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 import gan_models
+from gan_models.protocol import Recipe
 from gan_models.steps import read_metrics
 from orchestrator.config import JobConfig
 from orchestrator.data.loader import ShardLoader
@@ -53,7 +54,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fixed_latents(recipe, cfg: JobConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fixed_latents(recipe: Recipe, cfg: JobConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same latents every tick, so grids show training progress rather than sampling noise.
 
     Row r of the grid holds class r (mod the class count) for conditional models.
@@ -117,7 +118,7 @@ def reduce_tick(sums: Mapping[str, Any], counts: Mapping[str, int]) -> dict[str,
     return dict(zip(keys, (t[:n] / t[n:]).tolist(), strict=True))
 
 
-def apply_fire_drill(recipe, drill, lr_scale: float) -> None:
+def apply_fire_drill(recipe: Recipe, drill, lr_scale: float) -> None:
     """Inject the configured fault (``health.fire_drill``); identical on every rank, as a real fault under DDP."""
     if drill.kind == "lr_spike":
         recipe.set_lr_scale(lr_scale * drill.factor)
@@ -150,7 +151,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if resized and rank == 0:
         print(f"elastic: {resized}", flush=True)
     seed_all(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    recipe = gan_models.make_recipe(cfg.model_name, cfg.model, cfg.hparams)
+    recipe: Recipe = gan_models.make_recipe(cfg.model_name, cfg.model, cfg.hparams)
     recipe.setup(device, ray.train.torch.prepare_model, amp=use_amp, accumulate=cfg.train.accumulate,
                  compile=cfg.train.compile)  # fmt: skip
     loader = ShardLoader(cfg.data, rank=rank, world_size=world, device=device, env=Env.from_environ())

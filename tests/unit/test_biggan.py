@@ -17,8 +17,8 @@ from torch.nn.utils import parametrize
 
 import gan_models
 from gan_models import biggan, layers, losses
+from gan_models.protocol import Recipe as RecipeProtocol
 from gan_models.steps import read_metrics
-from orchestrator.train.recipe import Recipe as RecipeProtocol
 
 # A tiny model with attention in G (16²) and in every D block (BigGAN-PyTorch labels all 32² D blocks '16').
 TINY = dict(resolution=32, ch=4, dim_z=16, shared_dim=8, n_classes=3, attn="16")

@@ -340,7 +340,7 @@ def batch(n=8, c_dim=0, seed=1):
 
 
 def test_recipe_protocol_and_optimiser_rescaling():
-    from orchestrator.train.recipe import Recipe as RecipeProtocol
+    from gan_models.protocol import Recipe as RecipeProtocol
 
     recipe = make_recipe()
     assert isinstance(recipe, RecipeProtocol)
