@@ -20,9 +20,6 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
-
-JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -42,11 +39,6 @@ def report_error(e: Exception) -> int:
     return 2
 
 
-def default_config(model: str) -> Path | None:
-    path = JOB_CONFIGS / f"{model}.yaml"
-    return path if path.exists() else None
-
-
 def run_job(model: str, argv: list[str] | None = None) -> int:
     """Entry point shared by `jobs/<model>.py` and `ganforge train <model>`."""
     parser = argparse.ArgumentParser(
@@ -58,7 +50,7 @@ def run_job(model: str, argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
-        from orchestrator.config import build_config
+        from orchestrator.config import build_config, default_config
 
         cfg = build_config(model, args.config or default_config(model), args.overrides)
         if args.print_config:
@@ -200,6 +192,7 @@ def run_sweep_cli(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
+        from orchestrator.config import JOB_CONFIGS
         from orchestrator.tune.sweep import load_sweep_config, run_sweep
 
         sweep = load_sweep_config(args.config or str(JOB_CONFIGS / "tune_sweep.yaml"), args.overrides)

@@ -48,6 +48,15 @@ class DataConfig:
         _check(0 < self.crop_scale <= 1, "data.crop_scale", self.crop_scale, "an area fraction in (0, 1]; 1 = no crop")
 
 
+JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"  # each model's default job YAML
+
+
+def default_config(model: str) -> Path | None:
+    """``jobs/configs/<model>.yaml`` when it exists (the job's defaults beyond the dataclasses')."""
+    path = JOB_CONFIGS / f"{model}.yaml"
+    return path if path.exists() else None
+
+
 ELASTIC_RULES = ("keep_batch", "rescale")  # see orchestrator/train/elastic.py
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")  # Ray placement-group strategies
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import ConfigError, JobConfig, _check, _coerce, build_config
+from orchestrator.config import ConfigError, JobConfig, _check, _coerce, build_config, default_config
 from orchestrator.env import Env
 
 MIB = 1 << 20
@@ -89,8 +89,6 @@ class SweepConfig:
 
     def job(self) -> JobConfig:
         """The base job config (model YAML + overrides), validated."""
-        from orchestrator.cli import default_config
-
         return build_config(self.model, self.job_config or default_config(self.model), self.overrides)
 
 

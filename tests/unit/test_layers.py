@@ -15,7 +15,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("gan_models", "orchestrator")
 KNOWN_CYCLES = {
-    frozenset({"orchestrator.cli", "orchestrator.tune.sweep"}),
     frozenset({"orchestrator.config", "orchestrator.metrics.classifier", "orchestrator.data.loader"}),
     frozenset({"orchestrator.sample", "orchestrator.tracking.registry"}),
 }
