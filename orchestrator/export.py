@@ -216,7 +216,8 @@ def export_synthetic(
     ``max_new_shards`` stops after writing that many shards, without a manifest: a time-boxed slice of a long
     export that the next run continues.
     """
-    from orchestrator.sample import grid_labels, load_generator
+    from orchestrator.generator import grid_labels
+    from orchestrator.sample import load_generator
     from orchestrator.tracking.images import to_uint8
 
     image_format = {"jpeg": "jpg"}.get(image_format, image_format)

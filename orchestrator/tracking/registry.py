@@ -78,12 +78,12 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     consecutive latents of that seed, so ``n`` rows of seed s reproduce ``ganforge sample … --n n --seed s``."""
 
     def load_context(self, context):
-        from orchestrator.sample import Generator
+        from orchestrator.generator import Generator
 
         self.generator = Generator.from_files(context.artifacts["weights"], context.artifacts["config"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from orchestrator.sample import predict_rows
+        from orchestrator.generator import predict_rows
 
         return predict_rows(self.generator, model_input)
 
@@ -271,7 +271,7 @@ def register_run(run_ref: str, *, model_name: str | None = None, tracking_uri: s
     run's ``checkpoint/`` artifacts when a local copy exists."""
     import torch
 
-    from orchestrator.sample import Generator
+    from orchestrator.generator import Generator
     from orchestrator.train import checkpoint as ckpt
 
     c = client(tracking_uri)

@@ -247,28 +247,17 @@ def _raise_if_stopped(metrics: dict[str, Any], name: str, checkpoint_uri: str | 
     raise TrainingStopped(f"run {name} stopped by the divergence guard: {reason}{where}{report}")
 
 
-def load_generator(checkpoint_dir: str, device: str = "cpu"):
-    """(G_ema in eval mode, recipe, config) from a checkpoint directory."""
-    from orchestrator.train import checkpoint as ckpt
-
-    shared = ckpt.load_shared(checkpoint_dir)
-    cfg = JobConfig.from_dict(shared["config"])
-    import gan_models
-
-    recipe = gan_models.make_recipe(cfg.model_name, cfg.model, cfg.hparams)
-    recipe.setup(torch.device(device), lambda m: m)
-    recipe.load_state_dict(shared["recipe"])
-    return recipe.G_ema.eval(), recipe, cfg
-
-
 def final_grid(checkpoint_dir: str, path: str, seed: int = 0) -> None:
+    """The run's last G_ema on the training grid's fixed latents (the one loader of G_ema from a checkpoint)."""
+    from orchestrator.generator import Generator
     from orchestrator.tracking.images import image_grid
     from orchestrator.train.loop import fixed_latents
 
-    _, recipe, cfg = load_generator(checkpoint_dir)
+    gen, job = Generator.with_job_from_checkpoint(checkpoint_dir)
+    cfg = JobConfig.from_dict(job)
     cfg.train.seed = seed
-    z, c = fixed_latents(recipe, cfg, torch.device("cpu"))
-    image_grid(recipe.sample(z, c), nrow=cfg.train.grid_size, scale=2).save(path)
+    z, c = fixed_latents(gen, cfg, torch.device("cpu"))
+    image_grid(gen.sample(z, c), nrow=cfg.train.grid_size, scale=2).save(path)
 
 
 def _log_final(run, local_ckpt: str, grid_path: str, checkpoint_uri: str | None) -> None:

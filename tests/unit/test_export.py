@@ -24,7 +24,7 @@ from orchestrator.export import (
     split_done,
     weights_sha256,
 )
-from orchestrator.sample import Generator, predict_rows
+from orchestrator.generator import Generator, predict_rows
 
 BIGGAN = dict(resolution=32, ch=4, dim_z=20, shared_dim=8, attn="0", n_classes=10)
 FP = "f" * 64

@@ -16,7 +16,6 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("gan_models", "orchestrator")
 KNOWN_CYCLES = {
     frozenset({"orchestrator.config", "orchestrator.metrics.classifier", "orchestrator.data.loader"}),
-    frozenset({"orchestrator.sample", "orchestrator.tracking.registry"}),
 }
 
 

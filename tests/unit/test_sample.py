@@ -13,7 +13,8 @@ import torch
 
 import gan_models
 from orchestrator.config import build_config
-from orchestrator.sample import Generator, Source, draw, grid_labels, parse_source, predict_rows, sample_grid
+from orchestrator.generator import Generator, draw, grid_labels, predict_rows
+from orchestrator.sample import Source, parse_source, sample_grid
 from orchestrator.tracking.registry import pick_fid, takes_champion
 from orchestrator.train import checkpoint as ckpt
 
