@@ -214,7 +214,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_classifier(args) -> int:
-    from orchestrator.metrics.classifier import ensure_classifier
+    from orchestrator.train.domain_classifier import ensure_classifier
 
     _, info = ensure_classifier(args.dataset)
     print(f"domain classifier for {args.dataset}: hold-out accuracy {info['holdout_accuracy']:.3f}")

@@ -6,9 +6,10 @@ after ReLU) is registered as the feature extractor ``classifier``; the distance 
 never ``fid`` (DESIGN.md §5). ``classify(images)`` returns its logits, for per-class coverage of generated samples.
 
 Weights live beside the dataset, ``<dataset>/classifier.pt``, keyed by the dataset's manifest hash: trained once on
-first use (``ensure_classifier``, with a progress bar, or ``ganforge classifier --dataset s3://…``), then loaded by
-every worker. The file also holds a weights id that enters the reference-statistics cache key, so retraining the
-classifier never mixes statistics from two networks.
+first use (``orchestrator.train.domain_classifier.ensure_classifier``, with a progress bar, or ``ganforge classifier
+--dataset s3://…``), then loaded by every worker (``stored`` / ``load_extractor`` here). The file also holds a weights
+id that enters the reference-statistics cache key, so retraining the classifier never mixes statistics from two
+networks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import hashlib
 import io
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,7 +188,8 @@ def _progress(enabled: bool, total: int, what: str):
 
 
 # ------------------------------------------------------------------------------------------------------ storage
-def _weights_key(dataset: str) -> tuple[str, str]:
+def weights_key(dataset: str) -> tuple[str, str]:
+    """(bucket, key) of the classifier stored beside ``dataset``."""
     from orchestrator.env import split_s3_uri
 
     bucket, prefix = split_s3_uri(dataset)
@@ -213,61 +214,13 @@ def from_bytes(data: bytes) -> tuple[DomainClassifier, dict]:
                           "weights_id": hashlib.sha256(data).hexdigest()[:16]}  # fmt: skip
 
 
-def load_dataset_images(dataset: str, env=None, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over the dataset's shards (no flips) as uint8 N×3×H×W and int64 labels."""
-    from orchestrator.config import DataConfig
-    from orchestrator.data.loader import ShardLoader
-
-    cfg = DataConfig(dataset=dataset, batch_size=500, num_threads=2, hflip=False, shuffle_buffer=1)
-    images, labels = [], []
-    with ShardLoader(cfg, env=env) as loader:
-        want = loader.epoch_size if max_samples is None else min(max_samples, loader.epoch_size)
-        got = 0
-        for x, y in loader:
-            x = ((x + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-            images.append(x[: want - got])
-            labels.append(y[: want - got])
-            got += len(images[-1])
-            if got >= want:
-                break
-    return torch.cat(images), torch.cat(labels)
-
-
-def train_for_dataset(
-    dataset: str,
-    env=None,
-    *,
-    epochs: int = 2,
-    max_samples: int | None = 15000,
-    seed: int = 0,
-    holdout: float = 0.05,
-    progress: bool = True,
-    log=print,
-) -> tuple[DomainClassifier, dict]:
-    """Train on the dataset's shards, holding out a fraction to measure accuracy; (model, info)."""
-    t0 = time.monotonic()
-    images, labels = load_dataset_images(dataset, env, max_samples)
-    t_load = time.monotonic() - t0
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    n_hold = int(len(images) * holdout)
-    hold, train = perm[:n_hold], perm[n_hold:]
-    k = int(labels.max()) + 1
-    log(f"domain classifier: {len(train)} training images from {dataset} (read in {t_load:.0f} s), {epochs} epochs")
-    model = train_classifier(images[train], labels[train], num_classes=k, epochs=epochs, seed=seed, progress=progress)
-    acc = accuracy(model, images[hold], labels[hold]) if n_hold else float("nan")
-    info = {"holdout_accuracy": acc, "n_train": len(train), "n_holdout": n_hold, "epochs": epochs,
-            "train_s": round(time.monotonic() - t0, 1)}  # fmt: skip
-    log(f"domain classifier: hold-out accuracy {acc:.3f} after {info['train_s']:.0f} s")
-    return model, info
-
-
 _lock = threading.Lock()
 _cache: dict[tuple[str, str], tuple[DomainClassifier, dict]] = {}
 
 
-def ensure_classifier(dataset: str, env=None, *, train: bool = True, progress: bool = True, log=print,
-                      **train_kwargs) -> tuple[DomainClassifier, dict]:  # fmt: skip
-    """The classifier for ``dataset``: from this process's cache, from S3, or trained now and stored in S3."""
+def stored(dataset: str, env=None, *, log=print) -> tuple[tuple[DomainClassifier, dict] | None, str]:
+    """(the classifier stored beside ``dataset`` for its current manifest, or None; that manifest's hash), from
+    this process's cache or S3. Unreadable weights, or weights of another version of the dataset, count as none."""
     from botocore.exceptions import ClientError
 
     from orchestrator.data import s3
@@ -276,37 +229,48 @@ def ensure_classifier(dataset: str, env=None, *, train: bool = True, progress: b
     manifest_h = manifest_hash(s3.check_prefix(dataset, env))
     with _lock:
         if (dataset, manifest_h) in _cache:
-            return _cache[(dataset, manifest_h)]
-        bucket, key = _weights_key(dataset)
-        client = s3.client(env)
+            return _cache[(dataset, manifest_h)], manifest_h
+    bucket, key = weights_key(dataset)
+    found = None
+    try:
+        found = from_bytes(s3.client(env).get_object(Bucket=bucket, Key=key)["Body"].read())
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "NotFound"):
+            raise
+    except (ValueError, RuntimeError, KeyError, EOFError) as e:
+        log(f"domain classifier s3://{bucket}/{key} unreadable ({type(e).__name__}); retraining")
+    if found is not None and found[1]["manifest_hash"] != manifest_h:
+        log(f"domain classifier s3://{bucket}/{key} belongs to another version of the dataset; retraining")
         found = None
-        try:
-            found = from_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "NotFound"):
-                raise
-        except (ValueError, RuntimeError, KeyError, EOFError) as e:
-            log(f"domain classifier s3://{bucket}/{key} unreadable ({type(e).__name__}); retraining")
-        if found is not None and found[1]["manifest_hash"] != manifest_h:
-            log(f"domain classifier s3://{bucket}/{key} belongs to another version of the dataset; retraining")
-            found = None
-        if found is None:
-            if not train:
-                raise FileNotFoundError(f"no domain classifier at s3://{bucket}/{key}; train it with "
-                                        f"`ganforge classifier --dataset {dataset}`")  # fmt: skip
-            model, info = train_for_dataset(dataset, env, progress=progress, log=log, **train_kwargs)
-            data = to_bytes(model, manifest_h, info)
-            client.put_object(Bucket=bucket, Key=key, Body=data)
-            found = from_bytes(data)
-            log(f"domain classifier stored at s3://{bucket}/{key}")
+    if found is not None:
+        with _lock:
+            _cache[(dataset, manifest_h)] = found
+    return found, manifest_h
+
+
+def store(dataset: str, env, model: DomainClassifier, manifest_h: str, info: dict) -> tuple[DomainClassifier, dict]:
+    """Write the classifier beside ``dataset`` in S3 (and this process's cache); returns it as ``stored`` would."""
+    from orchestrator.data import s3
+
+    data = to_bytes(model, manifest_h, info)
+    bucket, key = weights_key(dataset)
+    s3.client(env).put_object(Bucket=bucket, Key=key, Body=data)
+    found = from_bytes(data)
+    with _lock:
         _cache[(dataset, manifest_h)] = found
-        return found
+    return found
 
 
-def load_extractor(dataset: str, env=None, *, device: str | torch.device = "auto", batch_size: int = 500,
-                   train: bool = False, **kwargs) -> ClassifierExtractor:  # fmt: skip
-    """The ``classifier`` feature extractor for ``dataset`` (registered with ``get_extractor``)."""
-    model, info = ensure_classifier(dataset, env, train=train, progress=False, log=log.info, **kwargs)
+def load_extractor(dataset: str, env=None, *, device: str | torch.device = "auto",
+                   batch_size: int = 500) -> ClassifierExtractor:  # fmt: skip
+    """The ``classifier`` feature extractor for ``dataset`` (registered with ``get_extractor``): the stored
+    classifier; training it is ``ganforge classifier`` / ``orchestrator.train.domain_classifier.ensure_classifier``."""
+    found, _ = stored(dataset, env, log=log.info)
+    if found is None:
+        bucket, key = weights_key(dataset)
+        raise FileNotFoundError(f"no domain classifier at s3://{bucket}/{key}; train it with "
+                                f"`ganforge classifier --dataset {dataset}`")  # fmt: skip
+    model, info = found
     return ClassifierExtractor(model, weights_id=info["weights_id"], device=device, batch_size=batch_size)
 
 

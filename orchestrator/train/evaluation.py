@@ -352,7 +352,8 @@ class Evaluator:
         With ``fd_classifier`` it is the metric's own extractor. Otherwise rank 0 loads it from S3 — training and
         storing it first when missing (``ensure_classifier``, ~1 min on a CPU, once per dataset) — and the other
         ranks load what rank 0 found, so every rank takes the same path."""
-        from orchestrator.metrics.classifier import ClassifierExtractor, ensure_classifier, load_extractor
+        from orchestrator.metrics.classifier import ClassifierExtractor, load_extractor
+        from orchestrator.train.domain_classifier import ensure_classifier
 
         if self._classifier_tried:
             return self._classifier

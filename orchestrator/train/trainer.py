@@ -109,7 +109,7 @@ def preflight(cfg: JobConfig, env: Env) -> dict:
     # The domain classifier serves fd_classifier and the quality signals' coverage: train it here, once, so no worker
     # pauses at its first evaluation.
     if cfg.train.metric_kimg > 0 and (cfg.train.metric == "fd_classifier" or cfg.train.quality_signals):
-        from orchestrator.metrics.classifier import ensure_classifier
+        from orchestrator.train.domain_classifier import ensure_classifier
 
         try:
             ensure_classifier(cfg.data.dataset, env)  # trained once here (driver), so workers only load it

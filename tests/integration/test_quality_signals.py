@@ -100,7 +100,7 @@ def evaluator(dataset: str, recipe, **train):
 
 
 def test_signals_tell_fresh_data_from_partial_and_total_collapse(stack, s3, pool):
-    from orchestrator.metrics.classifier import ensure_classifier
+    from orchestrator.train.domain_classifier import ensure_classifier
 
     dataset = dataset_uri(2400)
     images, labels = pool
