@@ -11,7 +11,7 @@ export AWS_EC2_METADATA_DISABLED := true
 DEMO_NAME ?= demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?=
 
-.PHONY: install data lint format test test-unit test-integration demo up down status bench bench-data bench-fid bench-models bench-tune bench-scaling clean
+.PHONY: install data lint format test test-unit test-integration demo up down status bench bench-data bench-fid bench-models bench-tune bench-scaling gpu-smoke clean
 
 install: $(STAMP)
 
@@ -83,6 +83,12 @@ bench-models: install
 # ASHA vs the full grid on a 6-trial lr × batch-size sweep (own local stack; ~15-20 min on 2 cores)
 bench-tune: install data
 	$(PY) tests/benchmarks/bench_tune.py
+
+# The GPU path in one go (< 5 min on one GPU): env, DALI loader CPU ≡ GPU, models, NCCL DDP, FID, Ray Train e2e +
+# resume; tests/benchmarks/results/gpu_smoke.json. No CUDA: one line, exit 0. GPU_SMOKE_ARGS="--quick" skips e2e,
+# "--compile" adds compiled steps, "--device cpu" runs every stage on the CPU.
+gpu-smoke: install data
+	$(PY) tests/benchmarks/gpu_smoke.py $(GPU_SMOKE_ARGS)
 
 clean: down
 	rm -rf .ganforge outputs

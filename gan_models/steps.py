@@ -9,7 +9,11 @@ divided by ``k``, so the optimiser sees the full batch's mean gradient.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -111,35 +115,57 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
                 opt.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32)  # one read, at load time
 
 
+@dataclass
+class HostReads:
+    """What ``count_host_reads`` saw: ``count`` reads, by kind (``item``, ``__float__``, …) and by ``file:line``."""
+
+    kinds: Counter = field(default_factory=Counter)
+    sites: Counter = field(default_factory=Counter)
+
+    @property
+    def count(self) -> int:
+        return sum(self.kinds.values())
+
+    def top(self, n: int = 5) -> list[str]:
+        return [f"{site} ×{k}" for site, k in self.sites.most_common(n)]
+
+
+_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
 @contextlib.contextmanager
-def count_host_reads(*optimizers: torch.optim.Optimizer):
+def count_host_reads(*optimizers: torch.optim.Optimizer) -> Iterator[HostReads]:
     """Counts reads of tensor values into Python (``item``, ``float``/``int``/``bool`` of a tensor, ``tolist``)
-    inside the block: each is a host sync when the tensor lives on a GPU. Yields a ``collections.Counter`` by kind.
+    inside the block, torch's own Python code included: each is a host sync when the tensor lives on a GPU.
 
     On the CPU nothing syncs, so this is how a test on the CPU sees what a GPU step would wait for. Reads of the
     ``optimizers``' ``step`` counters are not counted: non-capturable Adam reads them once per parameter by design,
-    and they live on the CPU (the recipes' ``load_optimizer_state`` keeps them there), where no read syncs."""
-    from collections import Counter
-
-    counts: Counter = Counter()
-    names = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
-    originals = {name: getattr(torch.Tensor, name) for name in names}
-    own = {name: torch.Tensor.__dict__.get(name) for name in names}  # most are inherited from the C base class
+    and they live on the CPU (``load_optimizer_state`` keeps them there), where no read syncs."""
+    reads = HostReads()
+    own = {name: torch.Tensor.__dict__.get(name) for name in _READS}  # most are inherited from the C base class
+    busy = threading.local()  # a read made inside another (a Python-level override) counts once
 
     def counted(name, fn):
         def read(self, *args, **kwargs):
-            if not _is_step(self, optimizers):
-                counts[name] += 1
-            return fn(self, *args, **kwargs)
+            if getattr(busy, "on", False) or _is_step(self, optimizers):
+                return fn(self, *args, **kwargs)
+            caller = sys._getframe(1).f_code
+            reads.kinds[name] += 1
+            reads.sites[f"{caller.co_filename}:{sys._getframe(1).f_lineno}"] += 1
+            busy.on = True
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                busy.on = False
 
         return read
 
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, counted(name, fn))
+    for name in _READS:
+        setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     try:
-        yield counts
+        yield reads
     finally:
-        for name in names:
+        for name in _READS:
             if own[name] is None:
                 delattr(torch.Tensor, name)
             else:

@@ -340,7 +340,7 @@ def bench_config(name: str, spec: dict, device: torch.device, args) -> dict:
     for label, _, _ in phases:
         with count_host_reads(recipe.opt_G, recipe.opt_D) as counted:
             paths[label]()
-        reads[label] = sum(counted.values())
+        reads[label] = counted.count
     med = {k: statistics.median(v) for k, v in times.items()}
     step_s = sum(w * med[label] for label, _, w in phases)
     eager_s = sum(w * med[f"eager/{label}"] for label, _, w in phases)
