@@ -372,7 +372,8 @@ class SynthesisNetwork(nn.Module):
             raise ValueError(f"noise_mode {noise_mode!r} is not valid; valid: {', '.join(NOISE_MODES)}")
         if fused_modconv is None:
             fused_modconv = self.fused_modconv if self.fused_modconv is not None else not self.training
-        dtype = torch.get_autocast_dtype("cuda") if ws.is_cuda and torch.is_autocast_enabled("cuda") else torch.float32
+        on = ws.device.type  # the synthesis layers run in the autocast dtype of the device they are on
+        dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else torch.float32
         x = img = None
         w_idx = 0
         for res in self.block_resolutions:

@@ -490,7 +490,20 @@ class ShardLoader:
         self._staged: list[deque] = [deque() for _ in range(n)]  # batches made for each pipeline, not yet fed
         self._made, self._turn = 0, 0
         self._pipes = [self._build_pipeline(j, n, use_gpu) for j in range(n)]
-        self._iters = [DALIGenericIterator(p, ["images", "labels"]) for p in self._pipes]
+        self._iters = [self._iterator(p) for p in self._pipes]
+
+    def _iterator(self, pipe) -> DALIGenericIterator:
+        """DALI's iterator decodes its first batch when it is built, outside ``__iter__``'s recovery: a decode error
+        there is recovered the same way (the good images go out again), then the iterator is built anew."""
+        while True:
+            try:
+                return DALIGenericIterator(pipe, ["images", "labels"])
+            except RuntimeError as exc:
+                if self._failure is not None:
+                    raise self._failure from None
+                if not is_decode_error(exc):
+                    raise
+                self._recover_from_decode_error(exc)  # raises when it keeps failing without a bad image
 
     def _build_pipeline(self, j: int, n: int, use_gpu: bool):
         res, ch = self.resolution, 1 if self.channels == 1 else 3

@@ -259,10 +259,9 @@ def test_corrupt_image_is_skipped_and_counted(s3, dataset, reference):
     assert sum(lost.values()) == 1
 
 
-def test_image_only_the_decoder_rejects_is_skipped(s3, dataset, reference, caplog):
-    """Scrambled PNG data under a recomputed CRC passes the cheap checks; DALI fails on its batch, the loader finds
-    the bad image with PIL and sends the rest of the batch again, in stream order, with several pipelines."""
-    uri, _ = dataset
+def _decoder_rejects_one_image(s3, uri: str) -> str:
+    """A private copy of the dataset where one PNG's data is scrambled under a recomputed CRC (and the manifest's
+    sha256 fixed): it passes the cheap checks and only the decoder rejects it."""
     bad_uri, prefix, key, tar, offset, size = _png_in_copy(s3, uri, "train-000001", 20)
     pos, end = offset + 8, offset + size
     while pos < end:  # PNG chunks: length, type, data, CRC
@@ -276,6 +275,13 @@ def test_image_only_the_decoder_rejects_is_skipped(s3, dataset, reference, caplo
     next(e for e in fixed["shards"] if e["name"] == "train-000001.tar")["sha256"] = hashlib.sha256(tar).hexdigest()
     s3.put_object(Bucket="ganforge", Key=key, Body=bytes(tar))
     s3.put_object(Bucket="ganforge", Key=f"{prefix}/manifest.json", Body=json.dumps(fixed).encode())
+    return bad_uri
+
+
+def test_image_only_the_decoder_rejects_is_skipped(s3, dataset, reference, caplog):
+    """DALI fails on the bad image's batch, the loader finds the bad image with PIL and sends the rest of the batch
+    again, in stream order, with several pipelines."""
+    bad_uri = _decoder_rejects_one_image(s3, dataset[0])
     with ShardLoader(_cfg(bad_uri, batch_size=40, num_threads=2)) as loader:
         x, _ = _epoch(loader)
         assert loader.skipped == 1 and loader.checksum_errors == 0
@@ -283,6 +289,17 @@ def test_image_only_the_decoder_rejects_is_skipped(s3, dataset, reference, caplo
     assert len(x) == N - 1
     lost = _counts(reference[0]) - _counts(_to_uint8(x))
     assert sum(lost.values()) == 1
+
+
+def test_image_the_decoder_rejects_in_the_very_first_batch_is_skipped(s3, dataset, reference):
+    """A batch of the whole epoch holds the bad image in the first batch, which DALI's iterator used to decode when
+    it was built, outside the loader's recovery: the loader failed instead of skipping the image."""
+    bad_uri = _decoder_rejects_one_image(s3, dataset[0])
+    with ShardLoader(_cfg(bad_uri, batch_size=N, num_threads=1, prefetch=1)) as loader:  # one batch in flight
+        x, _ = next(iter(loader))
+        assert loader.skipped == 1
+    # the N − 1 good images, topped up to a full batch by the next epoch's first sample
+    assert len(x) == N and sum((_counts(reference[0]) - _counts(_to_uint8(x))).values()) == 1
 
 
 def test_truncated_shard(s3, dataset, reference):
