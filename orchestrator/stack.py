@@ -130,6 +130,20 @@ class LocalStack:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
 
+    @contextlib.contextmanager
+    def running(self, log=lambda *_: None):
+        """The stack up for the block, its client environment exported to this process (and so to the processes it
+        starts), then down and the environment as it was: a private stack for a test session or a smoke check."""
+        saved = dict(os.environ)
+        try:
+            self.up(log=log)
+            os.environ.update(self.client_environ())
+            yield self
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            self.down(log=lambda *_: None)
+
     def up(self, log=print) -> None:
         """Start whatever is not already healthy; idempotent."""
         self._save_state()

@@ -26,16 +26,10 @@ def stack():
     env = Env.from_environ(
         {"AWS_ACCESS_KEY_ID": "ganforge-test", "AWS_SECRET_ACCESS_KEY": LOCAL_SECRET, "GANFORGE_BUCKET": "ganforge"}
     )
-    st = LocalStack(root=root, env=env, ports=Ports.free(), num_cpus=4)
-    saved = dict(os.environ)
     try:
-        st.up(log=lambda *_: None)
-        os.environ.update(st.client_environ())
-        yield st
+        with LocalStack(root=root, env=env, ports=Ports.free(), num_cpus=4).running() as st:
+            yield st
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        st.down(log=lambda *_: None)
         shutil.rmtree(root, ignore_errors=True)
 
 

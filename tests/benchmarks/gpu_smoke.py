@@ -326,11 +326,10 @@ def _damaged_copy(uri: str, shard: str, sample: int = 20) -> str:
     """A copy of a PNG dataset in which one image of ``shard`` passes the cheap checks (scrambled IDAT data under a
     recomputed CRC, manifest sha256 updated) but not the decoder: the fixture of the CPU integration test."""
     import hashlib
-    import struct
-    import zlib
 
     from orchestrator.data.s3 import client
     from orchestrator.env import split_s3_uri
+    from tests.damage import scramble_png
 
     s3 = client()
     bucket, prefix = split_s3_uri(uri)
@@ -343,14 +342,7 @@ def _damaged_copy(uri: str, shard: str, sample: int = 20) -> str:
     idx = s3.get_object(Bucket=bucket, Key=f"{dst}/{idx_name}")["Body"].read().decode().splitlines()
     ext, offset, size = idx[sample].split()[:3]  # line 0 is the header, so this is sample `sample - 1`
     assert ext == "png", ext
-    pos, end = int(offset) + 8, int(offset) + int(size)
-    while pos < end:  # PNG chunks: length, type, data, CRC
-        length, kind = struct.unpack(">I", tar[pos : pos + 4])[0], bytes(tar[pos + 4 : pos + 8])
-        if kind == b"IDAT":
-            for i in range(pos + 10, pos + 8 + length, 3):  # past the zlib header
-                tar[i] ^= 0xA5
-            tar[pos + 8 + length : pos + 12 + length] = struct.pack(">I", zlib.crc32(tar[pos + 4 : pos + 8 + length]))
-        pos += 12 + length
+    scramble_png(tar, int(offset), int(size))
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{dst}/manifest.json")["Body"].read())
     next(e for e in manifest["shards"] if e["name"] == shard)["sha256"] = hashlib.sha256(tar).hexdigest()
     s3.put_object(Bucket=bucket, Key=f"{dst}/{shard}", Body=bytes(tar))
@@ -814,16 +806,10 @@ def local_stack(root: Path) -> Iterator[object]:
 
     env = Env.from_environ({"AWS_ACCESS_KEY_ID": "ganforge-smoke", "GANFORGE_BUCKET": "ganforge",
                             "AWS_SECRET_ACCESS_KEY": "smoke-secret-" + os.urandom(6).hex()})  # fmt: skip
-    st = LocalStack(root=root, env=env, ports=Ports.free(), num_cpus=4)
-    saved = dict(os.environ)
-    try:
-        st.up(log=lambda *a: print("  stack:", *a, flush=True))
-        os.environ.update(st.client_environ())
+    with LocalStack(root=root, env=env, ports=Ports.free(), num_cpus=4).running(
+        log=lambda *a: print("  stack:", *a, flush=True)
+    ) as st:
         yield st
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        st.down(log=lambda *_: None)
 
 
 def start_stack(teardown: contextlib.ExitStack, tmp: Path, ctx: dict, ctx_path: Path) -> dict:

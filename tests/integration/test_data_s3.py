@@ -6,11 +6,9 @@ import collections
 import dataclasses
 import hashlib
 import json
-import struct
 import threading
 import time
 import uuid
-import zlib
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from orchestrator.data.loader import ShardLoader
 from orchestrator.data.s3 import DataError, check_prefix
 from orchestrator.data.shards import manifest_hash, write_shards
 from orchestrator.env import Env
+from tests.damage import scramble_png
 
 pytestmark = pytest.mark.integration
 
@@ -263,14 +262,7 @@ def _decoder_rejects_one_image(s3, uri: str) -> str:
     """A private copy of the dataset where one PNG's data is scrambled under a recomputed CRC (and the manifest's
     sha256 fixed): it passes the cheap checks and only the decoder rejects it."""
     bad_uri, prefix, key, tar, offset, size = _png_in_copy(s3, uri, "train-000001", 20)
-    pos, end = offset + 8, offset + size
-    while pos < end:  # PNG chunks: length, type, data, CRC
-        length, kind = struct.unpack(">I", tar[pos : pos + 4])[0], bytes(tar[pos + 4 : pos + 8])
-        if kind == b"IDAT":
-            for i in range(pos + 10, pos + 8 + length, 3):  # past the zlib header
-                tar[i] ^= 0xA5
-            tar[pos + 8 + length : pos + 12 + length] = struct.pack(">I", zlib.crc32(tar[pos + 4 : pos + 8 + length]))
-        pos += 12 + length
+    scramble_png(tar, offset, size)
     fixed = json.loads(s3.get_object(Bucket="ganforge", Key=f"{prefix}/manifest.json")["Body"].read())
     next(e for e in fixed["shards"] if e["name"] == "train-000001.tar")["sha256"] = hashlib.sha256(tar).hexdigest()
     s3.put_object(Bucket="ganforge", Key=key, Body=bytes(tar))
