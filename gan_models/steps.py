@@ -149,9 +149,9 @@ def count_host_reads(*optimizers: torch.optim.Optimizer) -> Iterator[HostReads]:
         def read(self, *args, **kwargs):
             if getattr(busy, "on", False) or _is_step(self, optimizers):
                 return fn(self, *args, **kwargs)
-            caller = sys._getframe(1).f_code
+            caller = sys._getframe(1)
             reads.kinds[name] += 1
-            reads.sites[f"{caller.co_filename}:{sys._getframe(1).f_lineno}"] += 1
+            reads.sites[f"{caller.f_code.co_filename}:{caller.f_lineno}"] += 1
             busy.on = True
             try:
                 return fn(self, *args, **kwargs)
