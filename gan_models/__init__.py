@@ -1,12 +1,12 @@
 """GAN architectures and their training recipes, in plain PyTorch (no Ray, S3 or MLflow here).
 
-Each model module (``gan_models.biggan``, ``gan_models.stylegan2``) exposes:
+Each model package (``gan_models.biggan``, ``gan_models.stylegan2``: ``config``, ``networks``, ``recipe``) exposes:
 
 * ``Config``   – architecture dataclass; fields mirror the paper's code, unset fields take the paper's
-                 defaults for the resolution (``Config.for_resolution`` / ``__post_init__``),
+                 defaults for the resolution (``__post_init__``),
 * ``HParams``  – training hyper-parameter dataclass (lrs, betas, loss, EMA, regularisers),
 * ``build(cfg) -> (G, D)``,
-* ``Recipe(cfg, hparams)`` – implements ``gan_models.protocol.Recipe``.
+* ``Recipe(cfg, hparams)`` – implements ``gan_models.protocol.Recipe`` on ``gan_models.recipe_base.RecipeBase``.
 """
 
 from __future__ import annotations

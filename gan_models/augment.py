@@ -14,6 +14,7 @@ nominally in [-1, 1]; colour transforms pivot around 0 (mid grey).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,19 @@ from torch import nn
 
 # The paper's default pipeline ('bgc': blit + geometric + colour), each with probability multiplier 1.
 BGC: dict[str, float] = dict(
-    xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1, brightness=1, contrast=1, lumaflip=1, hue=1,
+    xflip=1,
+    rotate90=1,
+    xint=1,
+    scale=1,
+    rotate=1,
+    aniso=1,
+    xfrac=1,
+    brightness=1,
+    contrast=1,
+    lumaflip=1,
+    hue=1,
     saturation=1,
-)  # fmt: skip
+)
 TRANSFORMS = tuple(BGC)
 
 
@@ -138,107 +149,141 @@ class AdaptiveAugment(nn.Module):
         return torch.rand(n, device=device, generator=generator) < self.probs[name] * self.p_host
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        p = self.p_host
-        if p <= 0:
+        if self.p_host <= 0:
             return images
         n, ch, h, w = images.shape
-        dev = images.device
+        draw = _Draws(n, images.device, generator)
+        # Every random number is drawn in this order (geometric, then colour), so a seeded generator repeats a batch.
+        g_inv = self._geometric(draw, h, w)
+        if g_inv is not None:
+            images = _warp(images, g_inv)
+        c_mat = self._colour(draw, ch)
+        if c_mat is not None:
+            images = _recolour(images, c_mat)
+        return images
 
-        def rand(*shape):
-            return torch.rand(*shape, device=dev, generator=generator)
+    def _pick(self, draw: _Draws, name: str, value: torch.Tensor, identity: float) -> torch.Tensor:
+        """Per image: ``value`` where transform ``name`` fires, else its identity value."""
+        return torch.where(
+            self._chance(name, draw.n, draw.device, draw.generator), value, torch.full_like(value, identity)
+        )
 
-        def randn(*shape):
-            return torch.randn(*shape, device=dev, generator=generator)
-
-        def pick(name, value, identity):
-            return torch.where(self._chance(name, n, dev, generator), value, torch.full_like(value, identity))
-
-        # Geometric: G_inv maps output pixel coordinates (origin at the image centre) to input coordinates.
+    def _geometric(self, draw: _Draws, h: int, w: int) -> torch.Tensor | None:
+        """G_inv (n×3×3), which maps output pixel coordinates (origin at the image centre) to input coordinates;
+        None when no geometric transform is on."""
+        n, dev, p = draw.n, draw.device, self.p_host
         g_inv = torch.eye(3, device=dev).repeat(n, 1, 1)
         geometric = False
         if self.probs["xflip"] > 0:
-            i = pick("xflip", torch.floor(rand(n) * 2), 0)
+            i = self._pick(draw, "xflip", torch.floor(draw.rand(n) * 2), 0)
             g_inv = g_inv @ _scale2d(1 - 2 * i, 1, n, dev)
             geometric = True
         if self.probs["rotate90"] > 0:
-            i = pick("rotate90", torch.floor(rand(n) * 4), 0)
+            i = self._pick(draw, "rotate90", torch.floor(draw.rand(n) * 4), 0)
             g_inv = g_inv @ _rotate2d(math.pi / 2 * i, n, dev)
             geometric = True
         if self.probs["xint"] > 0:
-            t = (rand(n, 2) * 2 - 1) * self.xint_max
-            t = torch.where(self._chance("xint", n, dev, generator)[:, None], t, torch.zeros_like(t))
+            t = (draw.rand(n, 2) * 2 - 1) * self.xint_max
+            t = torch.where(self._chance("xint", n, dev, draw.generator)[:, None], t, torch.zeros_like(t))
             g_inv = g_inv @ _translate2d(-torch.round(t[:, 0] * w), -torch.round(t[:, 1] * h), n, dev)
             geometric = True
         if self.probs["scale"] > 0:
-            s = pick("scale", torch.exp2(randn(n) * self.scale_std), 1)
+            s = self._pick(draw, "scale", torch.exp2(draw.randn(n) * self.scale_std), 1)
             g_inv = g_inv @ _scale2d(1 / s, 1 / s, n, dev)
             geometric = True
         # Rotation is split into a pre- and post-anisotropy part, each with p_rot, so P(either) = rotate·p.
         p_rot = 1 - math.sqrt(min(max(1 - self.probs["rotate"] * p, 0.0), 1.0))
         for stage in ("pre", "post"):
             if self.probs["rotate"] > 0:
-                theta = (rand(n) * 2 - 1) * math.pi * self.rotate_max
-                theta = torch.where(rand(n) < p_rot, theta, torch.zeros_like(theta))
+                theta = (draw.rand(n) * 2 - 1) * math.pi * self.rotate_max
+                theta = torch.where(draw.rand(n) < p_rot, theta, torch.zeros_like(theta))
                 g_inv = g_inv @ _rotate2d(theta, n, dev)
                 geometric = True
             if stage == "pre" and self.probs["aniso"] > 0:
-                s = pick("aniso", torch.exp2(randn(n) * self.aniso_std), 1)
+                s = self._pick(draw, "aniso", torch.exp2(draw.randn(n) * self.aniso_std), 1)
                 g_inv = g_inv @ _scale2d(1 / s, s, n, dev)
                 geometric = True
         if self.probs["xfrac"] > 0:
-            t = randn(n, 2) * self.xfrac_std
-            t = torch.where(self._chance("xfrac", n, dev, generator)[:, None], t, torch.zeros_like(t))
+            t = draw.randn(n, 2) * self.xfrac_std
+            t = torch.where(self._chance("xfrac", n, dev, draw.generator)[:, None], t, torch.zeros_like(t))
             g_inv = g_inv @ _translate2d(-t[:, 0] * w, -t[:, 1] * h, n, dev)
             geometric = True
-        if geometric:
-            # Pixel coordinates → grid_sample's normalised coordinates (align_corners=False: x_norm = 2·x_pix / W).
-            to_norm = torch.diag(torch.tensor([2 / w, 2 / h, 1.0], device=dev))
-            from_norm = torch.diag(torch.tensor([w / 2, h / 2, 1.0], device=dev))
-            theta = (to_norm @ g_inv @ from_norm)[:, :2, :].to(images.dtype)
-            grid = F.affine_grid(theta, [n, ch, h, w], align_corners=False)
-            images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return g_inv if geometric else None
 
-        # Colour: C maps homogeneous RGB (r, g, b, 1) in to out; v is the luma axis.
+    def _colour(self, draw: _Draws, ch: int) -> torch.Tensor | None:
+        """C (n×4×4), which maps homogeneous RGB (r, g, b, 1) in to out; None when no colour transform is on."""
+        n, dev = draw.n, draw.device
         c_mat = torch.eye(4, device=dev).repeat(n, 1, 1)
         colour = False
-        v = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev) / math.sqrt(3)
+        v = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev) / math.sqrt(3)  # the luma axis
         vv = torch.outer(v, v)
         if self.probs["brightness"] > 0:
-            b = pick("brightness", randn(n) * self.brightness_std, 0)
+            b = self._pick(draw, "brightness", draw.randn(n) * self.brightness_std, 0)
             c_mat = _translate3d(b, n, dev) @ c_mat
             colour = True
         if self.probs["contrast"] > 0:
-            c = pick("contrast", torch.exp2(randn(n) * self.contrast_std), 1)
+            c = self._pick(draw, "contrast", torch.exp2(draw.randn(n) * self.contrast_std), 1)
             c_mat = _scale3d(c, n, dev) @ c_mat
             colour = True
         if self.probs["lumaflip"] > 0:
-            i = pick("lumaflip", torch.floor(rand(n) * 2), 0).view(n, 1, 1)
+            i = self._pick(draw, "lumaflip", torch.floor(draw.rand(n) * 2), 0).view(n, 1, 1)
             c_mat = (torch.eye(4, device=dev) - 2 * vv * i) @ c_mat  # Householder reflection of luma
             colour = True
         if self.probs["hue"] > 0 and ch > 1:
-            theta = pick("hue", (rand(n) * 2 - 1) * math.pi * self.hue_max, 0)
+            theta = self._pick(draw, "hue", (draw.rand(n) * 2 - 1) * math.pi * self.hue_max, 0)
             c_mat = _rotate3d(v, theta) @ c_mat
             colour = True
         if self.probs["saturation"] > 0 and ch > 1:
-            s = pick("saturation", torch.exp2(randn(n) * self.saturation_std), 1).view(n, 1, 1)
+            s = self._pick(draw, "saturation", torch.exp2(draw.randn(n) * self.saturation_std), 1).view(n, 1, 1)
             c_mat = (vv + (torch.eye(4, device=dev) - vv) * s) @ c_mat
             colour = True
-        if colour:
-            c_mat = c_mat.to(images.dtype)
-            flat = images.reshape(n, ch, h * w)
-            if ch == 3:
-                flat = c_mat[:, :3, :3] @ flat + c_mat[:, :3, 3:]
-            elif ch == 1:  # grey: the mean of the RGB rows acting on (g, g, g)
-                m = c_mat[:, :3, :].mean(dim=1, keepdim=True)
-                flat = flat * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
-            else:
-                raise ValueError(f"ADA colour transforms need 1 or 3 channels, got {ch}")
-            images = flat.reshape(n, ch, h, w)
-        return images
+        return c_mat if colour else None
 
     def extra_repr(self) -> str:
         on = ", ".join(k for k, v in self.probs.items() if v > 0)
         return f"p={float(self.p):.4f}, target={self.target}, ada_kimg={self.ada_kimg}, transforms=[{on}]"
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """Uniform and normal draws for a batch of ``n`` images, from ``generator`` (None: torch's global RNG)."""
+
+    n: int
+    device: torch.device
+    generator: torch.Generator | None
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=self.device, generator=self.generator)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, generator=self.generator)
+
+
+def _warp(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
+    """Resample ``images`` through G_inv, bilinear with reflection padding."""
+    n, ch, h, w = images.shape
+    dev = images.device
+    # Pixel coordinates → grid_sample's normalised coordinates (align_corners=False: x_norm = 2·x_pix / W).
+    to_norm = torch.diag(torch.tensor([2 / w, 2 / h, 1.0], device=dev))
+    from_norm = torch.diag(torch.tensor([w / 2, h / 2, 1.0], device=dev))
+    theta = (to_norm @ g_inv @ from_norm)[:, :2, :].to(images.dtype)
+    grid = F.affine_grid(theta, [n, ch, h, w], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _recolour(images: torch.Tensor, c_mat: torch.Tensor) -> torch.Tensor:
+    """Apply the colour matrix C to every pixel (RGB, or grey as the mean of C's RGB rows acting on (g, g, g))."""
+    n, ch, h, w = images.shape
+    c_mat = c_mat.to(images.dtype)
+    flat = images.reshape(n, ch, h * w)
+    if ch == 3:
+        flat = c_mat[:, :3, :3] @ flat + c_mat[:, :3, 3:]
+    elif ch == 1:
+        m = c_mat[:, :3, :].mean(dim=1, keepdim=True)
+        flat = flat * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
+    else:
+        raise ValueError(f"ADA colour transforms need 1 or 3 channels, got {ch}")
+    return flat.reshape(n, ch, h, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ name           D loss                                                G loss
 
 ``get_loss(name)`` returns the ``(d_loss, g_loss)`` pair. ``wgan`` is only a proper critic objective together with a
 Lipschitz constraint: add ``GP_WEIGHT · gradient_penalty(...)`` (WGAN-GP, Gulrajani et al. 2017, λ = 10) to the D
-loss, or use ``wgan_gp_penalty`` which applies that weight.
+loss (``default_gp_weight``).
 
 Regularisers (add to the D loss):
 
 - ``r1_penalty(x, D(x))`` = E‖∇ₓD(x)‖² at real data, unweighted; the R1 term is ``γ/2 · r1_penalty`` (Mescheder et
-  al. 2018), i.e. ``r1_regularizer(x, D(x), gamma)``. γ has no universal default: StyleGAN2 uses 10 at 1024² and
-  NVlabs' heuristic ``0.0002 · resolution² / batch`` (see ``gan_models.stylegan2.HParams.resolved_r1_gamma``).
+  al. 2018). γ has no universal default: StyleGAN2 uses 10 at 1024² and NVlabs' heuristic
+  ``0.0002 · resolution² / batch`` (see ``gan_models.stylegan2.HParams.resolved_r1_gamma``).
 - ``gradient_penalty(D, real, fake, c)`` = E[(‖∇D(x̂)‖₂ − 1)²] at random interpolates x̂, unweighted; the WGAN-GP
   term is ``λ · gradient_penalty`` with λ = ``GP_WEIGHT`` = 10.
 """
@@ -65,7 +65,7 @@ def wgan_g(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def r1_penalty(real_images: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
-    """E over samples of ‖∇ₓD(x)‖² at real data, unweighted (multiply by γ/2 outside, or use ``r1_regularizer``).
+    """E over samples of ‖∇ₓD(x)‖² at real data, unweighted (multiply by γ/2 outside).
 
     ``real_images`` (N×…) must have ``requires_grad=True`` before D was applied; ``real_logits`` holds one logit
     per sample (or any shape whose sum is differentiable per sample). The graph is kept, so the result can be
@@ -73,13 +73,6 @@ def r1_penalty(real_images: torch.Tensor, real_logits: torch.Tensor) -> torch.Te
     """
     (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
     return grad.flatten(1).square().sum(dim=1).mean() + _every_parameter(real_logits)
-
-
-def r1_regularizer(real_images: torch.Tensor, real_logits: torch.Tensor, gamma: float) -> torch.Tensor:
-    """The R1 term added to the D loss: γ/2 · E‖∇ₓD(x)‖² (Mescheder et al. 2018). ``gamma`` ≥ 0, no default."""
-    if gamma < 0:
-        raise ValueError(f"R1 gamma {gamma} not supported; valid: ≥ 0")
-    return r1_penalty(real_images, real_logits) * (gamma / 2)
 
 
 def gradient_penalty(
@@ -94,8 +87,8 @@ def gradient_penalty(
     """WGAN-GP: E[(‖∇D(x̂)‖₂ − 1)²] on random interpolates x̂ = αx + (1 − α)x̃, α ~ U[0, 1] per sample; unweighted.
 
     ``D(x, c)`` is called on the interpolates (``c`` is passed through, ``None`` for unconditional D). Multiply the
-    result by ``GP_WEIGHT`` (λ = 10), or call ``wgan_gp_penalty``. ``generator`` makes α reproducible; ``alpha``
-    (N×1×…) gives it outright, e.g. slices of one draw for the whole batch when it is split into micro-batches.
+    result by ``GP_WEIGHT`` (λ = 10). ``generator`` makes α reproducible; ``alpha`` (N×1×…) gives it outright, e.g.
+    slices of one draw for the whole batch when it is split into micro-batches.
     """
     if alpha is None:
         shape = (real.shape[0],) + (1,) * (real.ndim - 1)
@@ -112,19 +105,6 @@ def _every_parameter(logits: torch.Tensor) -> torch.Tensor:
     final bias), and DDP, which expects a gradient for every parameter, would otherwise never finish that backward's
     reduction ("Expected to have finished reduction in the prior iteration" at the next forward)."""
     return logits.float().mean() * 0
-
-
-def wgan_gp_penalty(
-    D: Callable[..., torch.Tensor],
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    c: torch.Tensor | None,
-    weight: float = GP_WEIGHT,
-    *,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """λ · ``gradient_penalty(D, real, fake, c)`` with WGAN-GP's default λ = 10: the term added to ``wgan_d``."""
-    return gradient_penalty(D, real, fake, c, generator=generator) * weight
 
 
 # Each D loss as (term on real logits, term on fake logits), for recipes that score reals and fakes in separate

@@ -2,8 +2,8 @@
 evaluator and samplers use it, and neither side imports the other.
 
 The loop knows a GAN only through this protocol: it never touches losses, phases or optimisers. Implementations live
-beside their models (``gan_models.biggan``, ``gan_models.stylegan2``) and are created with
-``gan_models.make_recipe(name, model_cfg, hparams)``.
+beside their models (``gan_models.biggan.recipe``, ``gan_models.stylegan2.recipe``, both on
+``gan_models.recipe_base.RecipeBase``) and are created with ``gan_models.make_recipe(name, model_cfg, hparams)``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ class Recipe(Protocol):
     z_dim: int
     c_dim: int  # number of classes; 0 for an unconditional model
 
-    def setup(self, device: torch.device, wrap: Wrap, *, amp: bool = False, accumulate: int = 1,
-              compile: bool = False) -> None:  # fmt: skip
+    def setup(
+        self, device: torch.device, wrap: Wrap, *, amp: bool = False, accumulate: int = 1, compile: bool = False
+    ) -> None:
         """Move to ``device``, wrap G and D for data-parallel training (``wrap``), build optimisers. ``amp``: bf16
         autocast (CUDA only); ``accumulate``: micro-batches per step; ``compile``: torch.compile the main passes."""
 
@@ -51,4 +52,5 @@ class Recipe(Protocol):
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue bit-for-bit: G, D, G_ema, optimisers, counters, ADA p."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s output, before or after ``setup`` (optimiser states wait for setup)."""

@@ -66,7 +66,7 @@ RESULTS = Path(__file__).parent / "results" / "models.json"
 
 
 def yaml_model(name: str) -> tuple[object, object]:
-    """(model Config, HParams) of jobs/configs/<name>.yaml — the demo preset the jobs run."""
+    """(model Config, HParams) of jobs/configs/<name>.yaml — the demo configuration the jobs run."""
     job = build_config(name, ROOT / "jobs" / "configs" / f"{name}.yaml")
     return job.model, job.hparams
 
@@ -163,8 +163,12 @@ class EagerStep:
     def _path_length(self, n: int, c) -> None:
         hp = self.hp
         m = max(n // hp.pl_batch_shrink, 1)
-        img, ws = self.G(torch.randn(m, self.z_dim, device=self.device), c[:m] if c is not None else None,
-                         fused_modconv=False, return_ws=True)  # fmt: skip
+        img, ws = self.G(
+            torch.randn(m, self.z_dim, device=self.device),
+            c[:m] if c is not None else None,
+            fused_modconv=False,
+            return_ws=True,
+        )
         lengths = stylegan2.path_lengths(img, ws)
         self.pl_mean = self.pl_mean.lerp(lengths.mean().detach(), hp.pl_decay)
         self.opt_G.zero_grad()
@@ -422,9 +426,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: a demo worker's cpus_per_worker; on a shared 2-core machine "
-                         "2 threads mostly measure the neighbours)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: a demo worker's cpus_per_worker; on a shared 2-core machine "
+        "2 threads mostly measure the neighbours)",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile G and D (the recipe's wrap)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each path before timing")
     ap.add_argument("--repeats", type=int, default=7, help="at most this many timed repeats per path")
@@ -451,17 +459,33 @@ def main() -> None:
         except Exception as e:  # e.g. a compile failure: record it and go on with the other configs
             results[name] = {"batch": spec["batch"], "device": describe(device), "error": f"{type(e).__name__}: {e}"}
         r = results[name]
-        console.print(f"{name}: {json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)})} "
-                      f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        console.print(
+            f"{name}: {json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)})} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
         if cuda:
             torch.cuda.empty_cache()
 
     mode = "bf16 autocast + channels_last" if cuda else "fp32"
-    table = Table(title=f"training step, recipe ({mode}{', compiled' if args.compile else ''}) vs plain eager fp32 "
-                        f"— {describe(device)}")  # fmt: skip
-    for col in ("model/config", "batch", "step s", "img/s", "eager s", "eager img/s", "speedup", "unreg. speedup",
-                "syncs/step", "peak MB",
-                "eager MB", "GFLOP/step", "TFLOP/s"):  # fmt: skip
+    table = Table(
+        title=f"training step, recipe ({mode}{', compiled' if args.compile else ''}) vs plain eager fp32 "
+        f"— {describe(device)}"
+    )
+    for col in (
+        "model/config",
+        "batch",
+        "step s",
+        "img/s",
+        "eager s",
+        "eager img/s",
+        "speedup",
+        "unreg. speedup",
+        "syncs/step",
+        "peak MB",
+        "eager MB",
+        "GFLOP/step",
+        "TFLOP/s",
+    ):
         table.add_column(col, justify="left" if col == "model/config" else "right", no_wrap=col == "model/config")
     if not cuda:
         for col in ("CPU s", "eager CPU s", "CPU speedup"):
@@ -474,11 +498,21 @@ def main() -> None:
         if "error" in r:
             table.add_row(name, str(r["batch"]), r["error"][:80])
             continue
-        cells = [name, str(r["batch"]), f"{r['step_s']:.4f}", f"{r['img_per_s']:,.1f}", f"{r['eager_step_s']:.4f}",
-                 f"{r['eager_img_per_s']:,.1f}", f"{r['speedup']:.2f}×", f"{r['speedup_unregularised']:.2f}×",
-                 f"{r.get('host_syncs_per_step', float('nan')):.2f}", f"{r['peak_mem_mb']:,.0f}",
-                 f"{r['eager_peak_mem_mb']:,.0f}", f"{r.get('gflop_per_step', float('nan')):,.1f}",
-                 f"{r.get('tflop_per_s', float('nan')):.4f}"]  # fmt: skip
+        cells = [
+            name,
+            str(r["batch"]),
+            f"{r['step_s']:.4f}",
+            f"{r['img_per_s']:,.1f}",
+            f"{r['eager_step_s']:.4f}",
+            f"{r['eager_img_per_s']:,.1f}",
+            f"{r['speedup']:.2f}×",
+            f"{r['speedup_unregularised']:.2f}×",
+            f"{r.get('host_syncs_per_step', float('nan')):.2f}",
+            f"{r['peak_mem_mb']:,.0f}",
+            f"{r['eager_peak_mem_mb']:,.0f}",
+            f"{r.get('gflop_per_step', float('nan')):,.1f}",
+            f"{r.get('tflop_per_s', float('nan')):.4f}",
+        ]
         if not cuda:
             cells += [f"{r['step_cpu_s']:.4f}", f"{r['eager_cpu_s']:.4f}", f"{r['cpu_speedup']:.2f}×"]
         if cuda:

@@ -216,6 +216,24 @@ def test_state_dict_round_trip_continues_identically():
     assert a.opt_G.state_dict()["state"].keys() == b.opt_G.state_dict()["state"].keys()
 
 
+def test_a_checkpoint_loads_before_or_after_setup_alike():
+    a = make_recipe(0)
+    for i in range(3):
+        a.train_step(*batch(i))
+    a.set_lr_scale(0.5)
+    torch.manual_seed(1)
+    early = biggan.Recipe(biggan.Config(**TINY), a.hp)  # other weights; loaded before setup
+    early.load_state_dict(copy.deepcopy(a.state_dict()))  # own copies: Adam keeps the tensors it is given
+    early.setup(torch.device("cpu"), identity)
+    late = make_recipe(2)
+    late.load_state_dict(copy.deepcopy(a.state_dict()))
+    for r in (early, late):
+        torch.manual_seed(7)
+        r.train_step(*batch(3))  # the 4th D step runs G too (n_d=2)
+    assert_same(snapshot(early), snapshot(late))
+    assert early.lr_scale.scale == late.lr_scale.scale == 0.5 and early.g_steps == late.g_steps == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -246,14 +264,6 @@ def test_truncated_latents_and_samples():
     assert x.shape == (6, 3, 32, 32) and x.abs().max() <= 1 and not r.G_ema.training
     with pytest.raises(ValueError, match="truncation -1"):
         r.latents(2, torch.Generator(), truncation=-1)
-
-
-def test_presets():
-    assert biggan.Config.preset("demo").attn == "0"
-    assert biggan.HParams.preset("cifar").n_d == 4
-    assert biggan.Config.preset("cifar").c_dim == 10
-    with pytest.raises(ValueError, match="unknown BigGAN preset 'x'; valid: imagenet, cifar, demo"):
-        biggan.HParams.preset("x")
 
 
 @pytest.mark.parametrize(

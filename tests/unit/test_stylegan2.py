@@ -13,7 +13,7 @@ import gan_models
 from gan_models import losses
 from gan_models.steps import read_metrics
 from gan_models.stylegan2 import Config, HParams, Recipe, num_params, path_lengths
-from gan_models.stylegan2_ops import (
+from gan_models.stylegan2.ops import (
     FullyConnectedLayer,
     MinibatchStdLayer,
     conv2d_resample,
@@ -350,6 +350,14 @@ def test_recipe_protocol_and_optimiser_rescaling():
     assert d["lr"] == pytest.approx(0.002 * 16 / 17) and d["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)))
     no_pl = make_recipe(pl_weight=0)
     assert no_pl.opt_G.param_groups[0]["lr"] == pytest.approx(0.002)
+
+
+def test_phase_table_follows_the_regularisers():
+    def table(**hp):
+        return [(p.name, p.interval) for p in Recipe(Config(**TINY), HParams(**hp)).phases]
+
+    assert table() == [("Gmain", 1), ("Greg", 4), ("Dmain", 1), ("Dreg", 16)]  # NVlabs' intervals
+    assert table(pl_weight=0, r1_gamma=0) == [("Gmain", 1), ("Dmain", 1)]
 
 
 def test_train_steps_lazy_schedule_and_metrics():
