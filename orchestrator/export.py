@@ -12,7 +12,8 @@ Resume: every tar carries S3 metadata: its sha256, sample count, its index's sha
 sha256 of everything that decides its bytes: weights, architecture, seed, truncation, labels, class names, image
 format, shard size; not ``n``, so a larger ``--n`` extends an export). A run HEADs the prefix's shards and generates
 only those missing or not matching. An index goes up before its tar, so a tar in place means its index is too.
-``manifest.json`` (shards.py's schema plus a ``synthetic`` block) goes last: a prefix with one is complete.
+``manifest.json`` (:class:`~orchestrator.data.manifest.Manifest` with a ``synthetic`` block) goes last: a prefix with
+one is complete.
 """
 
 from __future__ import annotations
@@ -23,37 +24,28 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 
-from orchestrator.data.s3 import DataError, check_prefix, describe_error
-from orchestrator.data.shards import (
-    ShardOutput,
-    TarBuilder,
-    encode,
-    finish_shard,
-    make_manifest,
-    manifest_hash,
-    progress_bar,
-    sample_files,
-)
+from orchestrator.data.images import encode
+from orchestrator.data.manifest import MANIFEST, Manifest, ManifestError, ShardEntry
+from orchestrator.data.s3 import DataError, check_prefix, describe_error, find_manifest
+from orchestrator.data.writer import ShardOutput, ShardWriter, progress_bar, sample_files
 from orchestrator.env import Env, split_s3_uri
+from orchestrator.hashing import sha256_json
+from orchestrator.sample import load_generator
+from orchestrator.tracking.images import grid_labels, to_uint8
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("png", "jpg")
 BATCH = 64  # images per generator forward; fixed, because float rounding (hence the shard bytes) depends on it
-MANIFEST = "manifest.json"
 _SHARD_OBJECT = re.compile(r"train-\d{6}\.(tar|idx)")
 # What makes two exports "the same dataset" in a refusal message (the fingerprint covers these and more).
 _IDENTITY_KEYS = ("resolved", "weights_sha256", "seed", "truncation", "class", "image_ext", "samples_per_shard")
@@ -109,7 +101,8 @@ def labels_for(start: int, stop: int, c_dim: int, class_: int | None) -> list[in
 
 
 def fingerprint(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """The export's name: the sha256 of everything that decides its bytes."""
+    return sha256_json(identity)
 
 
 def shard_metadata(fp: str, count: int) -> dict[str, str]:
@@ -117,19 +110,23 @@ def shard_metadata(fp: str, count: int) -> dict[str, str]:
     return {"ganforge-export": fp, "count": str(count)}
 
 
-def split_done(plan: list[ShardPlan], fp: str, remote: dict[str, Remote]) -> tuple[list[ShardPlan], list[dict]]:
+def split_done(plan: list[ShardPlan], fp: str, remote: dict[str, Remote]) -> tuple[list[ShardPlan], list[ShardEntry]]:
     """(shards still to write, manifest entries of those already in place): a shard is in place when its tar has
     this export's fingerprint and the planned count, and its index is the one the tar recorded."""
     todo, done = [], []
     for shard in plan:
         tar, idx = remote.get(shard.name), remote.get(shard.index_name)
         meta = tar.metadata if tar else {}
-        ok = (tar is not None and idx is not None and meta.get("ganforge-export") == fp
-              and meta.get("count") == str(shard.count) and len(meta.get("sha256", "")) == 64
-              and meta.get("index-sha256") == idx.metadata.get("sha256"))  # fmt: skip
+        ok = (
+            tar is not None
+            and idx is not None
+            and meta.get("ganforge-export") == fp
+            and meta.get("count") == str(shard.count)
+            and len(meta.get("sha256", "")) == 64
+            and meta.get("index-sha256") == idx.metadata.get("sha256")
+        )
         if ok:
-            done.append({"name": shard.name, "index": shard.index_name, "count": shard.count, "bytes": tar.size,
-                         "sha256": meta["sha256"]})  # fmt: skip
+            done.append(ShardEntry(shard.name, shard.index_name, shard.count, tar.size, meta["sha256"]))
         else:
             todo.append(shard)
     return todo, done
@@ -140,23 +137,29 @@ def foreign_shards(remote: dict[str, Remote], fp: str) -> list[str]:
     return sorted(k for k, r in remote.items() if k.endswith(".tar") and r.metadata.get("ganforge-export") != fp)
 
 
-def check_target(old: dict | None, synthetic: dict, uri: str, overwrite: bool) -> None:
+def check_target(old: Manifest | None, synthetic: dict, uri: str, overwrite: bool) -> None:
     """Refuse (one line) to write into a prefix whose complete dataset is not this export, or this export with more
     samples than asked (the extra shards would be dropped), unless ``overwrite``."""
     if old is None or overwrite:
         return
     way_out = "pass --overwrite to replace it or choose another --to"
-    prev = old.get("synthetic")
+    prev = old.synthetic
     if not isinstance(prev, dict):
-        raise ExportError(f"{uri} already holds dataset {old.get('name')!r} ({old.get('num_samples')} samples), not a "
-                          f"synthetic export; {way_out}")  # fmt: skip
+        raise ExportError(
+            f"{uri} already holds dataset {old.name!r} ({old.num_samples} samples), not a synthetic export; {way_out}"
+        )
     if prev.get("fingerprint") != synthetic["fingerprint"]:
-        diff = [f"{k} {_short(prev.get(k))} there, {_short(synthetic.get(k))} asked" for k in _IDENTITY_KEYS
-                if prev.get(k) != synthetic.get(k)] or ["class names or architecture differ"]  # fmt: skip
+        diff = [
+            f"{k} {_short(prev.get(k))} there, {_short(synthetic.get(k))} asked"
+            for k in _IDENTITY_KEYS
+            if prev.get(k) != synthetic.get(k)
+        ] or ["class names or architecture differ"]
         raise ExportError(f"{uri} already holds another synthetic export ({'; '.join(diff)}); {way_out}")
     if int(prev.get("n", 0)) > synthetic["n"]:
-        raise ExportError(f"{uri} already holds {prev['n']} samples of this export; --n {synthetic['n']} would drop "
-                          f"some: pass --overwrite to shrink it or use --n {prev['n']}")  # fmt: skip
+        raise ExportError(
+            f"{uri} already holds {prev['n']} samples of this export; --n {synthetic['n']} would drop "
+            f"some: pass --overwrite to shrink it or use --n {prev['n']}"
+        )
 
 
 def _short(v):
@@ -184,10 +187,31 @@ def weights_sha256(module: torch.nn.Module) -> str:
 @dataclass
 class ExportResult:
     uri: str
-    manifest: dict | None  # None when stopped early by ``max_new_shards`` (the prefix is then incomplete)
+    manifest: Manifest | None  # None when stopped early by ``max_new_shards`` (the prefix is then incomplete)
     written: list[str]  # tars generated and uploaded by this run
     reused: list[str]  # tars already in place from an earlier run
     deleted: list[str] = field(default_factory=list)  # stale objects removed under --overwrite
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What decides an export's bytes and what its manifest says about them."""
+
+    gen: object  # orchestrator.generator.Generator
+    name: str  # the dataset's
+    seed: int
+    truncation: float | None
+    class_: int | None
+    image_ext: str
+    channels: int
+    resolution: int
+    classes: list[str]
+    synthetic: dict  # the manifest's block; its "fingerprint" names the bytes
+    meta: dict  # what every sample's JSON records besides its label and seed
+
+    @property
+    def fingerprint(self) -> str:
+        return self.synthetic["fingerprint"]
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -216,18 +240,74 @@ def export_synthetic(
     ``max_new_shards`` stops after writing that many shards, without a manifest: a time-boxed slice of a long
     export that the next run continues.
     """
-    from orchestrator.generator import grid_labels
-    from orchestrator.sample import load_generator
-    from orchestrator.tracking.images import to_uint8
-
     image_format = {"jpeg": "jpg"}.get(image_format, image_format)
+    _check_arguments(to, n, samples_per_shard, seed, image_format, truncation, device)
+    env = env or Env.from_environ()
+    t0 = time.monotonic()
+    spec = _describe(load_generator(source, device), env, n, seed, truncation, class_, image_format, samples_per_shard)
+    output = ShardOutput(to, env)
+    old = _old_manifest(output, spec, overwrite)
+    remote = _remote_objects(output, env)
+    foreign = foreign_shards(remote, spec.fingerprint)
+    mine = old is not None and (old.synthetic or {}).get("fingerprint") == spec.fingerprint
+    if foreign and not (overwrite or mine):
+        raise ExportError(
+            f"{to} holds {len(foreign)} shard(s) another export or dataset wrote (e.g. "
+            f"{foreign[0]}) and no manifest of this export; pass --overwrite to replace them or choose "
+            "another --to"
+        )
+    plan = shard_plan(n, samples_per_shard)
+    todo, done = split_done(plan, spec.fingerprint, remote)
+    limit = len(todo) if max_new_shards is None else max(0, min(max_new_shards, len(todo)))
+    if limit and old is not None:
+        # Shards are about to change under the old manifest: drop it first, so no reader trusts a set in flux.
+        _delete(output, env, [MANIFEST])
+    written = _write(spec, output, todo[:limit], done, n, workers, progress)
+    result = ExportResult(to, None, sorted(e.name for e in written), sorted(e.name for e in done))
+    if limit < len(todo):
+        log(f"{to}: stopped after {limit} new shards ({len(todo) - limit} to go); run again to continue")
+        return result
+    in_place = None if limit else old  # a run that writes shards deleted the old manifest first
+    result.manifest = manifest = _put_manifest(output, spec, in_place, n, done + written)
+    if overwrite:  # only now, with the new manifest in place, are the old dataset's leftovers unreferenced
+        keep = {s.name for s in manifest.shards} | {s.index for s in manifest.shards}
+        result.deleted = sorted(k for k in remote if k not in keep)
+        _delete(output, env, result.deleted)
+    log(
+        f"{to}: {n} samples in {len(plan)} shards from {spec.synthetic['resolved']} in "
+        f"{time.monotonic() - t0:.1f} s ({len(written)} written, {len(done)} already there)"
+    )
+    return result
+
+
+def _put_manifest(output: ShardOutput, spec: ExportSpec, old: Manifest | None, n: int, shards: list) -> Manifest:
+    """The complete export's manifest, uploaded last; when it says what the one still in place (``old``) does, that
+    one (and its date) stays as it is."""
+    manifest = Manifest.create(
+        name=spec.name,
+        resolution=spec.resolution,
+        channels=spec.channels,
+        classes=spec.classes,
+        num_samples=n,
+        image_ext=spec.image_ext,
+        shards=shards,
+        synthetic=spec.synthetic,
+    )
+    if old is not None and old.hash == manifest.hash:
+        return old
+    output.put_manifest(manifest)
+    return manifest
+
+
+def _check_arguments(to: str, n: int, per_shard: int, seed: int, image_format: str, truncation, device: str) -> None:
+    """Refuse bad arguments (one line each) before any model or S3 work."""
     if not to.startswith("s3://"):
         raise ValueError(f"--to {to!r} is not an S3 prefix; expected s3://<bucket>/<prefix>")
     split_s3_uri(to)
     if n < 1:
         raise ValueError(f"--n {n} not supported; valid: ≥ 1")
-    if samples_per_shard < 1:
-        raise ValueError(f"--shard-size {samples_per_shard} not supported; valid: ≥ 1 samples per shard")
+    if per_shard < 1:
+        raise ValueError(f"--shard-size {per_shard} not supported; valid: ≥ 1 samples per shard")
     if seed < 0:
         raise ValueError(f"--seed {seed} not supported; valid: ≥ 0")
     if image_format not in FORMATS:
@@ -240,103 +320,83 @@ def export_synthetic(
         raise ValueError(f"--device {device!r} is not a torch device; valid: cpu, cuda, cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r} asked but CUDA is not available here; valid: cpu")
-    env = env or Env.from_environ()
-    t0 = time.monotonic()
 
-    loaded = load_generator(source, device)
+
+def _describe(loaded, env: Env, n: int, seed: int, truncation, class_, image_ext: str, per_shard: int) -> ExportSpec:
+    """The export's identity (fingerprinted) and its manifest block, from the loaded model and the arguments."""
     gen = loaded.generator
     grid_labels(1, gen.c_dim, 1, class_)  # the class checks and their messages
     probe = generate(gen, 0, 1, seed=seed, truncation=truncation, class_=class_)[0]
-    channels, resolution = int(probe.shape[1]), int(probe.shape[-1])
     classes = _class_names(loaded, env)
-    identity = {"model_name": gen.model_name, "config": gen.model_config()["config"],
-                "weights_sha256": weights_sha256(gen.G_ema), "seed": seed, "truncation": truncation,
-                "class": class_, "classes": classes, "image_ext": image_format,
-                "samples_per_shard": samples_per_shard}  # fmt: skip
-    fp = fingerprint(json.loads(json.dumps(identity, default=str)))
-    synthetic = {"model": loaded.uri, "resolved": loaded.resolved, "version": loaded.version,
-                 "run_id": loaded.run_id, "model_name": gen.model_name, "weights_sha256": identity["weights_sha256"],
-                 "seed": seed, "truncation": truncation, "class": class_,
-                 "labels": "none" if not gen.c_dim else ("fixed" if class_ is not None else "balanced"),
-                 "image_ext": image_format, "samples_per_shard": samples_per_shard, "n": n, "fingerprint": fp,
-                 "training_dataset": loaded.dataset}  # fmt: skip
+    identity = {
+        "model_name": gen.model_name,
+        "config": gen.model_config()["config"],
+        "weights_sha256": weights_sha256(gen.G_ema),
+        "seed": seed,
+        "truncation": truncation,
+        "class": class_,
+        "classes": classes,
+        "image_ext": image_ext,
+        "samples_per_shard": per_shard,
+    }
+    synthetic = {
+        "model": loaded.uri,
+        "resolved": loaded.resolved,
+        "version": loaded.version,
+        "run_id": loaded.run_id,
+        "model_name": gen.model_name,
+        "weights_sha256": identity["weights_sha256"],
+        "seed": seed,
+        "truncation": truncation,
+        "class": class_,
+        "labels": "none" if not gen.c_dim else ("fixed" if class_ is not None else "balanced"),
+        "image_ext": image_ext,
+        "samples_per_shard": per_shard,
+        "n": n,
+        "fingerprint": fingerprint(json.loads(json.dumps(identity, default=str))),
+        "training_dataset": loaded.dataset,
+    }
+    meta = {"source": loaded.resolved, "version": loaded.version, "truncation": truncation}
+    name = f"{loaded.name}-synthetic"
+    channels, resolution = int(probe.shape[1]), int(probe.shape[-1])
+    return ExportSpec(gen, name, seed, truncation, class_, image_ext, channels, resolution, classes, synthetic, meta)
 
-    output = ShardOutput(to, env)
-    old = _read_manifest(output, env)
-    check_target(old, synthetic, to, overwrite)
-    remote = _remote_objects(output, env)
-    mine = old is not None and (old.get("synthetic") or {}).get("fingerprint") == fp
-    foreign = foreign_shards(remote, fp)
-    if foreign and not (overwrite or mine):
-        raise ExportError(f"{to} holds {len(foreign)} shard(s) another export or dataset wrote (e.g. "
-                          f"{foreign[0]}) and no manifest of this export; pass --overwrite to replace them or choose "
-                          "another --to")  # fmt: skip
 
-    plan = shard_plan(n, samples_per_shard)
-    todo, done = split_done(plan, fp, remote)
-    limit = len(todo) if max_new_shards is None else max(0, min(max_new_shards, len(todo)))
-    if limit and old is not None:
-        # Shards are about to change under the old manifest: drop it first, so no reader trusts a set in flux.
-        _delete(output, env, [MANIFEST])
-    written: list[dict] = []
-    dataset_name = f"{loaded.name}-synthetic"
-    meta_common = {"source": loaded.resolved, "version": loaded.version, "truncation": truncation}
-
-    def upload(builder: TarBuilder, shard: ShardPlan) -> None:
-        try:
-            entry, _ = finish_shard(builder, output, shard_metadata(fp, shard.count))
-        except (ClientError, BotoCoreError, S3UploadFailedError) as e:
-            raise DataError(describe_error(e, env, f"{to.rstrip('/')}/{shard.name}")) from None
-        written.append(entry)
-
-    def encode_one(arr) -> bytes:
-        return encode(Image.fromarray(arr[..., 0] if channels == 1 else arr), image_format)
-
+def _write(
+    spec: ExportSpec, output: ShardOutput, shards: list[ShardPlan], done: list, n: int, workers: int, progress: bool
+) -> list[ShardEntry]:
+    """Generate and upload ``shards`` (one upload thread: at most a few finished shards wait on local disk)."""
     with (
-        tempfile.TemporaryDirectory(prefix="gf-export-") as tmp,
         ThreadPoolExecutor(max(1, workers), thread_name_prefix="gf-encode") as pool,
-        ThreadPoolExecutor(1, thread_name_prefix="gf-upload") as uploads,
         progress_bar(disable=not progress) as bar,
     ):
-        task = bar.add_task(f"sampling {loaded.resolved}", total=n, info="")
-        bar.update(task, advance=sum(e["count"] for e in done), info=f"{len(done)} shards already there")
-        in_flight: deque[Future] = deque()
-        for shard in todo[:limit]:
-            builder = TarBuilder(Path(tmp) / shard.name)
-            for a in range(shard.start, shard.stop, BATCH):
-                b = min(a + BATCH, shard.stop)
-                images, labels = generate(gen, a, b, seed=seed, truncation=truncation, class_=class_)
-                for i, (label, data) in enumerate(zip(labels, pool.map(encode_one, to_uint8(images)), strict=True)):
-                    meta = {**meta_common, "label": label, "class": classes[label], "seed": seed + a + i}
-                    builder.add(f"{a + i:08d}", sample_files(image_format, data, label, meta))
-                bar.advance(task, b - a)
-            in_flight.append(uploads.submit(upload, builder, shard))
-            while len(in_flight) > 2:  # bounded local disk: a few finished shards at most wait for their upload
-                in_flight.popleft().result()
-            bar.update(task, info=f"{len(done)} shards already there, {len(written)} written")
-        for f in in_flight:
-            f.result()
-        bar.update(task, info=f"{len(done)} shards already there, {len(written)} written")
+        task = bar.add_task(f"sampling {spec.synthetic['resolved']}", total=n, info="")
+        bar.update(task, advance=sum(e.count for e in done), info=f"{len(done)} shards already there")
 
-    result = ExportResult(to, None, sorted(e["name"] for e in written), sorted(e["name"] for e in done))
-    if limit < len(todo):
-        log(f"{to}: stopped after {limit} new shards ({len(todo) - limit} to go); run again to continue")
-        return result
-    manifest = make_manifest(name=dataset_name, resolution=resolution, channels=channels, classes=classes,
-                             num_samples=n, image_ext=image_format, shards=done + written,
-                             synthetic=synthetic)  # fmt: skip
-    if old is not None and not written and manifest_hash(old) == manifest_hash(manifest):
-        manifest = old  # nothing changed: keep the manifest (and its date) as it is
-    else:
-        output.put_bytes(json.dumps(manifest, indent=1).encode(), MANIFEST)
-    result.manifest = manifest
-    if overwrite:  # only now, with the new manifest in place, are the old dataset's leftovers unreferenced
-        keep = {s["name"] for s in manifest["shards"]} | {s["index"] for s in manifest["shards"]}
-        result.deleted = sorted(k for k in remote if k not in keep)
-        _delete(output, env, result.deleted)
-    log(f"{to}: {n} samples in {len(plan)} shards from {loaded.resolved} in {time.monotonic() - t0:.1f} s "
-        f"({len(written)} written, {len(done)} already there)")  # fmt: skip
-    return result
+        def report() -> None:
+            bar.update(task, info=f"{len(done)} shards already there, {len(writer.entries)} written")
+
+        with ShardWriter(output, uploads=1, on_done=report) as writer:
+            for shard in shards:
+                builder = writer.new(shard.name)
+                for a in range(shard.start, shard.stop, BATCH):
+                    b = min(a + BATCH, shard.stop)
+                    _add_batch(spec, builder, pool, a, b)
+                    bar.advance(task, b - a)
+                writer.finish(builder, shard_metadata(spec.fingerprint, shard.count))
+    return writer.entries
+
+
+def _add_batch(spec: ExportSpec, builder, pool: ThreadPoolExecutor, a: int, b: int) -> None:
+    """Samples a … b-1 generated, encoded on ``pool`` and added to ``builder``."""
+    images, labels = generate(spec.gen, a, b, seed=spec.seed, truncation=spec.truncation, class_=spec.class_)
+
+    def encode_one(arr) -> bytes:
+        return encode(Image.fromarray(arr[..., 0] if spec.channels == 1 else arr), spec.image_ext)
+
+    for i, (label, data) in enumerate(zip(labels, pool.map(encode_one, to_uint8(images)), strict=True)):
+        meta = {**spec.meta, "label": label, "class": spec.classes[label], "seed": spec.seed + a + i}
+        builder.add(f"{a + i:08d}", sample_files(spec.image_ext, data, label, meta))
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -347,7 +407,7 @@ def _class_names(loaded, env: Env) -> list[str]:
     names: list[str] = []
     if loaded.dataset.startswith("s3://"):
         try:
-            names = list(check_prefix(loaded.dataset, env).get("classes") or [])
+            names = list(check_prefix(loaded.dataset, env).classes)
         except (DataError, BotoCoreError, OSError) as e:
             logger.info("class names of %s unavailable (%s); using label numbers", loaded.dataset, e)
     if c_dim:
@@ -355,19 +415,20 @@ def _class_names(loaded, env: Env) -> list[str]:
     return names if len(names) == 1 else ["generated"]
 
 
-def _read_manifest(output: ShardOutput, env: Env) -> dict | None:
-    key = output.prefix + MANIFEST
+def _old_manifest(output: ShardOutput, spec: ExportSpec, overwrite: bool) -> Manifest | None:
+    """The manifest already under the prefix (None: none), once :func:`check_target` allows writing there. One that
+    cannot be read is replaced only under ``overwrite``."""
     try:
-        body = output.client.get_object(Bucket=output.bucket, Key=key)["Body"].read()
-    except ClientError as e:
-        if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404", "NotFound"):
-            return None
-        raise DataError(describe_error(e, env, f"s3://{output.bucket}/{key}")) from None
-    try:
-        manifest = json.loads(body)
-    except ValueError:
-        manifest = None
-    return manifest if isinstance(manifest, dict) else {"name": "(an unreadable manifest.json)"}
+        old = find_manifest(output.bucket, output.prefix, output.env)
+    except ManifestError as e:
+        if not overwrite:
+            raise ExportError(
+                f"{output.out} holds a manifest.json that is not a ganforge manifest ({e}); pass "
+                "--overwrite to replace it or choose another --to"
+            ) from None
+        return None
+    check_target(old, spec.synthetic, output.out, overwrite)
+    return old
 
 
 def _remote_objects(output: ShardOutput, env: Env) -> dict[str, Remote]:

@@ -48,9 +48,12 @@ from rich.table import Table
 
 from orchestrator.config import DataConfig
 from orchestrator.data import fashion_mnist
-from orchestrator.data.loader import ShardLoader, _ShardCache
+from orchestrator.data.cache import ShardCache
+from orchestrator.data.loader import ShardLoader
+from orchestrator.data.manifest import Manifest
 from orchestrator.data.s3 import ObjectStream, client
-from orchestrator.data.shards import iter_tar_samples, write_shards
+from orchestrator.data.tar import iter_tar_samples
+from orchestrator.data.writer import write_shards
 from orchestrator.env import Env, split_s3_uri
 from orchestrator.stack import LocalStack, Ports
 
@@ -63,9 +66,9 @@ class PilShards(torch.utils.data.IterableDataset):
     """The usual baseline: DataLoader workers each stream their share of the shards and decode with PIL (to RGB, or
     with ``grey`` to one channel as NVlabs' dataset class keeps grey images)."""
 
-    def __init__(self, uri: str, manifest: dict, env: Env, grey: bool = False):
+    def __init__(self, uri: str, manifest: Manifest, env: Env, grey: bool = False):
         self.bucket, prefix = split_s3_uri(uri)
-        self.keys = [f"{prefix}/{s['name']}" for s in manifest["shards"]]
+        self.keys = [f"{prefix}/{s.name}" for s in manifest.shards]
         self.env, self.grey = env, grey
 
     def __iter__(self):
@@ -104,14 +107,19 @@ class CpuMeter:
         return self._now() - self.t0
 
 
-def bench_pil(uri: str, manifest: dict, env: Env, workers: int, server, grey: bool = False) -> tuple[float, float]:
+def bench_pil(uri: str, manifest: Manifest, env: Env, workers: int, server, grey: bool = False) -> tuple[float, float]:
     """img/s and CPU µs/img over the first 90% of an epoch (stopping early keeps the workers alive to be metered,
     and leaves out the tail where some workers have already run dry, which only favours the baseline)."""
     # Our loaders in this process froze its objects for the collector (ShardLoader._start); forked workers would
     # inherit that and run faster than a plain PIL DataLoader does.
     gc.unfreeze()
-    dl = torch.utils.data.DataLoader(PilShards(uri, manifest, env, grey), batch_size=BATCH, num_workers=workers,
-                                     persistent_workers=False, prefetch_factor=4)  # fmt: skip
+    dl = torch.utils.data.DataLoader(
+        PilShards(uri, manifest, env, grey),
+        batch_size=BATCH,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4,
+    )
     it = iter(dl)
     next(it)  # workers started, first shard open
     meter = CpuMeter(server, psutil.Process().children(recursive=True))
@@ -119,20 +127,21 @@ def bench_pil(uri: str, manifest: dict, env: Env, workers: int, server, grey: bo
     for x, _ in it:
         x = x.float().div_(127.5).sub_(1).expand(-1, 3, -1, -1)  # (a view unless grey)
         n += len(x)
-        if n >= 0.9 * manifest["num_samples"] - BATCH:
+        if n >= 0.9 * manifest.num_samples - BATCH:
             break
     wall, cpu = time.perf_counter() - t0, meter.spent()
     del it
     return n / wall, cpu / n * 1e6
 
 
-def bench_dali(uri: str, manifest: dict, threads: int, device: str, server, cache_dir: str = "",
-               epochs: int = 2) -> tuple[float, float]:  # fmt: skip
+def bench_dali(
+    uri: str, manifest: Manifest, threads: int, device: str, server, cache_dir: str = "", epochs: int = 2
+) -> tuple[float, float]:
     cfg = DataConfig(dataset=uri, batch_size=BATCH, num_threads=threads, shuffle_buffer=512, cache_dir=cache_dir)
     with ShardLoader(cfg, device=torch.device(device)) as loader:
         it = iter(loader)
         next(it)
-        total = epochs * manifest["num_samples"] - BATCH
+        total = epochs * manifest.num_samples - BATCH
         meter = CpuMeter(server)
         t0, n = time.perf_counter(), 0
         while n < total:
@@ -156,39 +165,59 @@ def colour_folder(root: Path, n: int) -> str:
     return str(root)
 
 
-def fill_cache(uri: str, manifest: dict, cache_dir: str) -> None:
+def fill_cache(uri: str, manifest: Manifest, cache_dir: str) -> None:
     """One pass of the loader with a cache fills it (verified shards); the indexes go beside them for DALI's reader."""
     cfg = DataConfig(dataset=uri, batch_size=BATCH, shuffle_buffer=512, cache_dir=cache_dir)
     with ShardLoader(cfg) as loader:
         it = iter(loader)
-        for _ in range(manifest["num_samples"] // BATCH + 1):
+        for _ in range(manifest.num_samples // BATCH + 1):
             next(it)
     bucket, prefix = split_s3_uri(uri)
-    cache = _ShardCache(cache_dir, 1 << 40)
-    for e in manifest["shards"]:
-        assert cache.path(e).exists(), f"{e['name']} did not reach the cache"
-        body = client().get_object(Bucket=bucket, Key=f"{prefix}/{e['index']}")["Body"].read()
+    cache = ShardCache(cache_dir, 1 << 40)
+    for e in manifest.shards:
+        assert cache.path(e).exists(), f"{e.name} did not reach the cache"
+        body = client().get_object(Bucket=bucket, Key=f"{prefix}/{e.index}")["Body"].read()
         cache.path(e).with_suffix(".idx").write_bytes(body)
 
 
-def bench_dali_reader(manifest: dict, cache_dir: str, threads: int, device: str, server,
-                      epochs: int = 2) -> tuple[float, float]:  # fmt: skip
+def bench_dali_reader(
+    manifest: Manifest, cache_dir: str, threads: int, device: str, server, epochs: int = 2
+) -> tuple[float, float]:
     """DALI's own webdataset reader on the cached tars: shuffle buffer, decode, random mirror, normalise (one
     channel for a grey dataset, broadcast to RGB as our loader does)."""
-    cache = _ShardCache(cache_dir, 1 << 40)
-    paths = [str(cache.path(e)) for e in manifest["shards"]]
+    cache = ShardCache(cache_dir, 1 << 40)
+    paths = [str(cache.path(e)) for e in manifest.shards]
     use_gpu = device == "cuda"
-    ch = 1 if manifest.get("channels") == 1 else 3
+    ch = 1 if manifest.channels == 1 else 3
 
-    @pipeline_def(batch_size=BATCH, num_threads=threads, device_id=0 if use_gpu else None,
-                  prefetch_queue_depth=DataConfig.prefetch, seed=0, exec_dynamic=not use_gpu)  # fmt: skip
+    @pipeline_def(
+        batch_size=BATCH,
+        num_threads=threads,
+        device_id=0 if use_gpu else None,
+        prefetch_queue_depth=DataConfig.prefetch,
+        seed=0,
+        exec_dynamic=not use_gpu,
+    )
     def pipe():
-        jpg, cls = fn.readers.webdataset(paths=paths, index_paths=[p[:-4] + ".idx" for p in paths], ext=["jpg", "cls"],
-                                         random_shuffle=True, initial_fill=512, name="wds")  # fmt: skip
-        images = fn.decoders.image(jpg, device="mixed" if use_gpu else "cpu",
-                                   output_type=types.GRAY if ch == 1 else types.RGB)  # fmt: skip
-        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=[127.5] * ch, std=[127.5] * ch,
-                                          dtype=types.FLOAT, output_layout="CHW")  # fmt: skip
+        jpg, cls = fn.readers.webdataset(
+            paths=paths,
+            index_paths=[p[:-4] + ".idx" for p in paths],
+            ext=["jpg", "cls"],
+            random_shuffle=True,
+            initial_fill=512,
+            name="wds",
+        )
+        images = fn.decoders.image(
+            jpg, device="mixed" if use_gpu else "cpu", output_type=types.GRAY if ch == 1 else types.RGB
+        )
+        images = fn.crop_mirror_normalize(
+            images,
+            mirror=fn.random.coin_flip(),
+            mean=[127.5] * ch,
+            std=[127.5] * ch,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+        )
         labels = fn.cast(cls, dtype=types.INT64) - 48  # one ASCII digit (Fashion-MNIST has 10 classes)
         return images, labels
 
@@ -196,7 +225,7 @@ def bench_dali_reader(manifest: dict, cache_dir: str, threads: int, device: str,
     p.build()
     it = DALIGenericIterator(p, ["images", "labels"], reader_name="wds", auto_reset=True)
     next(it)
-    total = epochs * manifest["num_samples"] - BATCH
+    total = epochs * manifest.num_samples - BATCH
     meter = CpuMeter(server)
     t0, n = time.perf_counter(), 0
     while n < total:
@@ -211,7 +240,7 @@ def bench_dali_reader(manifest: dict, cache_dir: str, threads: int, device: str,
     return n / (time.perf_counter() - t0), meter.spent() / n * 1e6
 
 
-def run_pipeline(name: str, uri: str, manifest: dict, env: Env, cache_dir: str, server) -> tuple[float, float]:
+def run_pipeline(name: str, uri: str, manifest: Manifest, env: Env, cache_dir: str, server) -> tuple[float, float]:
     cores = os.cpu_count() or 1
     if name in ("pil", "pil_grey"):
         return bench_pil(uri, manifest, env, cores, server, grey=name == "pil_grey")
@@ -226,14 +255,23 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=18000, help="samples per resolution (64² gets this, 256² a third)")
     ap.add_argument("--resolutions", default="64,256")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every pipeline (median kept)")
-    ap.add_argument("--no-rgb", dest="rgb", action="store_false",
-                    help="skip the colour copy of the largest resolution (pipelines suffixed _rgb)")  # fmt: skip
+    ap.add_argument(
+        "--no-rgb",
+        dest="rgb",
+        action="store_false",
+        help="skip the colour copy of the largest resolution (pipelines suffixed _rgb)",
+    )
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     console = Console(width=max(120, shutil.get_terminal_size().columns))
     root = Path(tempfile.mkdtemp(prefix="gf-bench-data-"))
-    env = Env.from_environ({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-" + os.urandom(6).hex(),
-                            "GANFORGE_BUCKET": "ganforge"})  # fmt: skip
+    env = Env.from_environ(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench-" + os.urandom(6).hex(),
+            "GANFORGE_BUCKET": "ganforge",
+        }
+    )
     stack = LocalStack(root=root, env=env, ports=Ports.free())
     names = ["pil", "pil_grey", "dali_cpu", "dali_cpu_cached", "dali_cpu_reader"]
     if torch.cuda.is_available():
@@ -256,11 +294,21 @@ def main() -> None:
             uri = f"s3://ganforge/bench/fmnist-{res}" + ("-rgb" if rgb else "")
             t0 = time.perf_counter()
             source = colour_folder(root / "rgb", n) if rgb else "fashion-mnist"
-            manifest = write_shards(source, uri, resolution=res, image_format="jpg", max_samples=n,
-                                    samples_per_shard=max(1, n // 8), progress=False, env=env)  # fmt: skip
-            size = sum(s["bytes"] for s in manifest["shards"]) / 2**20
-            console.print(f"{res}² {'colour' if rgb else 'grey'}: {n} JPEG samples, {size:.1f} MiB in "
-                          f"{len(manifest['shards'])} shards, written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            manifest = write_shards(
+                source,
+                uri,
+                resolution=res,
+                image_format="jpg",
+                max_samples=n,
+                samples_per_shard=max(1, n // 8),
+                progress=False,
+                env=env,
+            )
+            size = sum(s.bytes for s in manifest.shards) / 2**20
+            console.print(
+                f"{res}² {'colour' if rgb else 'grey'}: {n} JPEG samples, {size:.1f} MiB in "
+                f"{len(manifest.shards)} shards, written in {time.perf_counter() - t0:.1f} s"
+            )
             suffix = "_rgb" if rgb else ""
             cache_dir = str(root / f"cache-{res}{suffix}")
             fill_cache(uri, manifest, cache_dir)
@@ -282,22 +330,27 @@ def main() -> None:
     results = {k: {r: statistics.median(x[0] for x in v) for r, v in row.items()} for k, row in runs.items()}
     cpu_us = {k: {r: statistics.median(x[1] for x in v) for r, v in row.items()} for k, row in runs.items()}
     resolutions = sorted({r for row in results.values() for r in row}, key=int)
-    table = Table(title=f"data loading, img/s (median of {args.rounds} interleaved runs; batch {BATCH}, {cores} cores, "
-                  "JPEG q95 shards from S3) and CPU µs per image")  # fmt: skip
+    table = Table(
+        title=f"data loading, img/s (median of {args.rounds} interleaved runs; batch {BATCH}, {cores} cores, "
+        "JPEG q95 shards from S3) and CPU µs per image"
+    )
     table.add_column("pipeline", no_wrap=True)
     for r in resolutions:
         table.add_column(f"{r}² img/s", justify="right")
         table.add_column(f"{r}² CPU µs/img", justify="right")
     for name in results:
-        table.add_row(name, *(f"{d[name][r]:,.0f}" if r in d[name] else "" for r in resolutions
-                              for d in (results, cpu_us)))  # fmt: skip
+        table.add_row(
+            name, *(f"{d[name][r]:,.0f}" if r in d[name] else "" for r in resolutions for d in (results, cpu_us))
+        )
 
     def ratios(name: str, base: str) -> None:
         cells = []
         for r in resolutions:
             ok = r in results[name] and r in results.get(base, {})
-            cells += [f"{results[name][r] / results[base][r]:.1f}×" if ok else "",
-                      f"{cpu_us[base][r] / cpu_us[name][r]:.1f}×" if ok else ""]  # fmt: skip
+            cells += [
+                f"{results[name][r] / results[base][r]:.1f}×" if ok else "",
+                f"{cpu_us[base][r] / cpu_us[name][r]:.1f}×" if ok else "",
+            ]
         table.add_row(f"{name} / {base}", *cells)
 
     for name in results:
@@ -307,8 +360,9 @@ def main() -> None:
     console.print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for path, table in ((RESULTS, results), (CPU_RESULTS, cpu_us)):
-        path.write_text(json.dumps({k: {r: round(v, 1) for r, v in row.items()} for k, row in table.items()},
-                                   indent=2) + "\n")  # fmt: skip
+        path.write_text(
+            json.dumps({k: {r: round(v, 1) for r, v in row.items()} for k, row in table.items()}, indent=2) + "\n"
+        )
         console.print(f"wrote {path}")
 
 

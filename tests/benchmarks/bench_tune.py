@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 from orchestrator.env import Env
 from orchestrator.stack import LocalStack, Ports
 from orchestrator.tune.sweep import SweepConfig, run_sweep
@@ -53,8 +53,13 @@ def main() -> None:
     console = Console()
 
     root = Path(tempfile.mkdtemp(prefix="gf-bench-tune-"))
-    env = Env.from_environ({"AWS_ACCESS_KEY_ID": "ganforge-bench", "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex,
-                            "GANFORGE_BUCKET": "ganforge"})  # fmt: skip
+    env = Env.from_environ(
+        {
+            "AWS_ACCESS_KEY_ID": "ganforge-bench",
+            "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex,
+            "GANFORGE_BUCKET": "ganforge",
+        }
+    )
     stack = LocalStack(root=root, env=env, ports=Ports.free(), num_cpus=4)
     saved = dict(os.environ)
     t_all = time.monotonic()
@@ -114,8 +119,15 @@ def main() -> None:
         rec = r["recommended"]
         c = r["compute"]
         config = f"lr {rec['config']['lr']:g} bs {rec['config']['batch_size']}"
-        table.add_row(label, f"{c['kimg']:.1f}", f"{c['cpu_s']:.0f}", f"{r['wall_s']:.0f}", str(c["early_stopped"]),
-                      config, f"{rec['best_metric']:.3f}")  # fmt: skip
+        table.add_row(
+            label,
+            f"{c['kimg']:.1f}",
+            f"{c['cpu_s']:.0f}",
+            f"{r['wall_s']:.0f}",
+            str(c["early_stopped"]),
+            config,
+            f"{rec['best_metric']:.3f}",
+        )
     console.print(table)
     console.print(
         f"ASHA: {kimg_x:.2f}× less training (kimg), {cpu_x:.2f}× fewer CPU-seconds; same recommendation: {same}"

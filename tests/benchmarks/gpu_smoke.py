@@ -253,10 +253,14 @@ def _compare(res: Results, name: str, ds: dict, device: torch.device) -> None:
                 # re-used too early, would show up as a difference.
                 torch.cuda._sleep(20_000_000)
             contract.append(
-                xb.dtype == torch.float32 and yb.dtype == torch.int64 and xb.device.type == device.type
-                and yb.device.type == device.type and xb.shape == xa.shape
-                and bool(xb.min() >= -1) and bool(xb.max() <= 1)
-            )  # fmt: skip
+                xb.dtype == torch.float32
+                and yb.dtype == torch.int64
+                and xb.device.type == device.type
+                and yb.device.type == device.type
+                and xb.shape == xa.shape
+                and bool(xb.min() >= -1)
+                and bool(xb.max() <= 1)
+            )
             xb, yb = xb.cpu(), yb.cpu()
             d = (xa - xb).abs()
             stats["max_abs_diff"] = max(stats["max_abs_diff"], float(d.max()))
@@ -315,11 +319,20 @@ def _throughput(res: Results, ds: dict, device: torch.device, threads: int, batc
             next(it)
         sync(device)
         dt = time.perf_counter() - t0
-    row = {"dataset": ds["name"], "batch": 256, "threads": threads, "batches": batches, "seconds": round(dt, 3),
-           "img_per_s": round(batches * 256 / dt, 1), "epochs": round(batches * 256 / ds["n"], 1)}  # fmt: skip
+    row = {
+        "dataset": ds["name"],
+        "batch": 256,
+        "threads": threads,
+        "batches": batches,
+        "seconds": round(dt, 3),
+        "img_per_s": round(batches * 256 / dt, 1),
+        "epochs": round(batches * 256 / ds["n"], 1),
+    }
     res["throughput"] = [*res.get("throughput", []), row]
-    res.note(f"{device.type} img/s {ds['name']} b256 {threads} thread(s): {row['img_per_s']:,.0f} "
-             f"({batches} batches, {row['epochs']} epochs from S3)")  # fmt: skip
+    res.note(
+        f"{device.type} img/s {ds['name']} b256 {threads} thread(s): {row['img_per_s']:,.0f} "
+        f"({batches} batches, {row['epochs']} epochs from S3)"
+    )
 
 
 def _damaged_copy(uri: str, shard: str, sample: int = 20) -> str:
@@ -360,8 +373,7 @@ def _decode_error_recovery(res: Results, ds: dict, device: torch.device) -> None
     # which DALI decodes inside DALIGenericIterator's constructor, outside the loader's recovery.
     cfg = DataConfig(dataset=ds["uri"], batch_size=40, shuffle_buffer=1, hflip=False, seed=5)
     last_shard = ShardLoader(cfg)._epoch_shards(0)[-1]["name"]
-    cfg = DataConfig(dataset=_damaged_copy(ds["uri"], last_shard), batch_size=40, shuffle_buffer=1, hflip=False,
-                     seed=5)  # fmt: skip
+    cfg = DataConfig(dataset=_damaged_copy(ds["uri"], last_shard), batch_size=40, shuffle_buffer=1, hflip=False, seed=5)
 
     def epoch(dev) -> tuple[torch.Tensor, int]:
         with ShardLoader(cfg, device=dev) as loader:
@@ -373,11 +385,19 @@ def _decode_error_recovery(res: Results, ds: dict, device: torch.device) -> None
 
     x_cpu, skipped_cpu = epoch("cpu")
     x_dev, skipped_dev = call_with_timeout(lambda: epoch(device), 90)
-    res["decode_error_recovery"] = {"skipped_cpu": skipped_cpu, "skipped_device": skipped_dev, "delivered": len(x_dev),
-                                    "epoch_size": ds["n"], "damaged_shard": last_shard}  # fmt: skip
+    res["decode_error_recovery"] = {
+        "skipped_cpu": skipped_cpu,
+        "skipped_device": skipped_dev,
+        "delivered": len(x_dev),
+        "epoch_size": ds["n"],
+        "damaged_shard": last_shard,
+    }
     same = x_cpu.shape == x_dev.shape and torch.equal(x_cpu, x_dev)
-    res.check(f"decode-error recovery on {device.type}: 1 skipped, rest equal to CPU", skipped_dev == 1 and same,
-              f"skipped {skipped_dev} (CPU {skipped_cpu}), same images: {same}")  # fmt: skip
+    res.check(
+        f"decode-error recovery on {device.type}: 1 skipped, rest equal to CPU",
+        skipped_dev == 1 and same,
+        f"skipped {skipped_dev} (CPU {skipped_cpu}), same images: {same}",
+    )
     res.note(f"decode-error recovery: skipped {skipped_dev}, delivered {len(x_dev)}/{ds['n']}")
 
 
@@ -400,13 +420,18 @@ def stage_loader(res: Results, ctx: dict, args) -> None:
 # Stage 3: models
 
 
-# Small 64² versions of the job presets: jobs/configs/<model>.yaml, with every phase on (BigGAN's attention;
-# StyleGAN2's path length, style mixing and ADA, which the demo preset turns off).
+# Small 64² versions of the job configurations: jobs/configs/<model>.yaml, with every phase on (BigGAN's attention;
+# StyleGAN2's path length, style mixing and ADA, which the demo configuration turns off).
 MODEL_OVERRIDES = {
     "biggan": ["model.resolution=64", "model.attn=32"],
-    "stylegan2": ["model.resolution=64", "hparams.pl_weight=2", "hparams.style_mixing_prob=0.9",
-                  "hparams.augment=ada", "hparams.augment_p=0.2"],
-}  # fmt: skip
+    "stylegan2": [
+        "model.resolution=64",
+        "hparams.pl_weight=2",
+        "hparams.style_mixing_prob=0.9",
+        "hparams.augment=ada",
+        "hparams.augment_p=0.2",
+    ],
+}
 
 
 def make_recipe(model: str, overrides: list[str] = (), hparams: dict | None = None):
@@ -447,8 +472,10 @@ def fake_batch(recipe, job, device: torch.device, n: int) -> tuple[torch.Tensor,
 def _compile_counters() -> dict:
     from torch._dynamo.utils import counters
 
-    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}  # fmt: skip
+    return {
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
 
 
 def measure_model(model: str, device: torch.device, args, *, compile: bool = False, timed_steps: int = 3) -> dict:
@@ -516,8 +543,10 @@ def stage_models(res: Results, ctx: dict, args) -> None:
                     res.check(f"{key}: channels_last", r["channels_last"] is not False)
                 mem = f", peak {r['peak_mem_mb']:,.0f} MB" if r["peak_mem_mb"] is not None else ""
                 syncs = f"{r['host_syncs_per_step']} host syncs/step"
-                res.note(f"{key} {r['resolution']}² b{r['batch']} {r['amp']}: {r['ms_per_step']:.1f} ms/step "
-                         f"(warm-up {r['warmup_s']:.1f} s){mem}, {syncs}")  # fmt: skip
+                res.note(
+                    f"{key} {r['resolution']}² b{r['batch']} {r['amp']}: {r['ms_per_step']:.1f} ms/step "
+                    f"(warm-up {r['warmup_s']:.1f} s){mem}, {syncs}"
+                )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -576,8 +605,11 @@ def ddp_case(model: str, hparams: dict, device: torch.device, args, *, compile: 
         metrics = recipe.train_step(images, labels)
         losses.update({k: float(v) for k, v in metrics.items() if k.startswith("loss/")})
     sync(device)
-    return {"amp": amp, "losses": {k: round(v, 5) for k, v in losses.items()},
-            "finite": all(math.isfinite(v) for v in losses.values())}  # fmt: skip
+    return {
+        "amp": amp,
+        "losses": {k: round(v, 5) for k, v in losses.items()},
+        "finite": all(math.isfinite(v) for v in losses.values()),
+    }
 
 
 def stage_ddp(res: Results, ctx: dict, args) -> None:
@@ -646,8 +678,13 @@ def stage_fid(res: Results, ctx: dict, args) -> None:
         sync(device)
         dt = time.perf_counter() - t0
         mean = stats.sum / stats.count
-        res["throughput"] = {"images": n, "seconds": round(dt, 3), "img_per_s": round(n / dt, 1),
-                             "batch_size": ext.batch_size, "stats_dtype": str(stats.sum.dtype)}  # fmt: skip
+        res["throughput"] = {
+            "images": n,
+            "seconds": round(dt, 3),
+            "img_per_s": round(n / dt, 1),
+            "batch_size": ext.batch_size,
+            "stats_dtype": str(stats.sum.dtype),
+        }
         res.check("feature stats finite, fp64", bool(torch.isfinite(mean).all()) and stats.n == n)
         res.note(f"{device.type} features + fp64 stats: {n / dt:,.0f} img/s ({n} images, batch {ext.batch_size})")
 
@@ -662,8 +699,15 @@ _STEP = re.compile(r"\bstep\s+(\d+)/(\d+)\s.*?(\d+) img/s")
 
 def _run_job(args_: list[str], env: dict, timeout: float) -> tuple[int, str, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "jobs/biggan.py", *args_], cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "jobs/biggan.py", *args_],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+    )
     print(proc.stdout)  # into the stage's log
     return proc.returncode, proc.stdout, time.perf_counter() - t0
 
@@ -687,15 +731,29 @@ def stage_e2e(res: Results, ctx: dict, args) -> None:
     bucket = ctx["bucket"]
     ds = ctx["datasets"]["jpg64"]
     common = [
-        f"data.dataset={ds['uri']}", f"train.storage_path=s3://{bucket}/runs-gpu-smoke", f"train.name={name}",
-        f"train.use_gpu={'true' if cuda else 'false'}", "train.num_workers=1", "train.cpus_per_worker=1",
-        f"train.tick_steps={tick}", "train.checkpoint_ticks=1", "train.sample_ticks=1", "train.keep_checkpoints=10",
-        "train.grid_size=4", "model.resolution=64", "model.ch=8", "data.batch_size=16",
+        f"data.dataset={ds['uri']}",
+        f"train.storage_path=s3://{bucket}/runs-gpu-smoke",
+        f"train.name={name}",
+        f"train.use_gpu={'true' if cuda else 'false'}",
+        "train.num_workers=1",
+        "train.cpus_per_worker=1",
+        f"train.tick_steps={tick}",
+        "train.checkpoint_ticks=1",
+        "train.sample_ticks=1",
+        "train.keep_checkpoints=10",
+        "train.grid_size=4",
+        "model.resolution=64",
+        "model.ch=8",
+        "data.batch_size=16",
         "tracking.experiment=gpu-smoke",
-    ]  # fmt: skip
+    ]
     if cuda:  # the in-training FID on the GPU too (Inception is minutes on 2 CPU cores)
-        common += ["train.metric_kimg=0.1", "train.metric_n=256", "train.metric_ref_n=512",
-                   "train.quality_signals=false"]  # fmt: skip
+        common += [
+            "train.metric_kimg=0.1",
+            "train.metric_n=256",
+            "train.metric_ref_n=512",
+            "train.quality_signals=false",
+        ]
     env = {**os.environ, "RAY_ADDRESS": ctx["ray_address"], "GANFORGE_OUTPUT_DIR": ctx["output_dir"]}
     res["run_name"] = name
     res["overrides"] = common
@@ -707,25 +765,40 @@ def stage_e2e(res: Results, ctx: dict, args) -> None:
             steps_seen = [s for s, _ in printed]
             device_line = re.search(r"worker\(s\), (GPU|CPU)", out)
             fid = re.findall(r"\bfid\s+([\d.]+)", out)
-            r = {"rc": rc, "seconds": round(wall, 1), "steps_printed": steps_seen,
-                 "img_per_s": printed[-1][1] if printed else None, "device": device_line[1] if device_line else None,
-                 "last_checkpoint_step": _last_checkpoint_step(bucket, prefix), "fid": fid}  # fmt: skip
+            r = {
+                "rc": rc,
+                "seconds": round(wall, 1),
+                "steps_printed": steps_seen,
+                "img_per_s": printed[-1][1] if printed else None,
+                "device": device_line[1] if device_line else None,
+                "last_checkpoint_step": _last_checkpoint_step(bucket, prefix),
+                "fid": fid,
+            }
             res[label] = r
             if rc != 0:
                 res["errors"][f"{label} output"] = out[-3000:]
             res.check(f"{label}: job exits 0", rc == 0, out.strip().splitlines()[-1] if out.strip() else "")
-            res.check(f"{label}: starts at step {first}", bool(steps_seen) and steps_seen[0] == first,
-                      f"printed {steps_seen}")  # fmt: skip
-            res.check(f"{label}: checkpoint at step {steps}", r["last_checkpoint_step"] == steps,
-                      f"latest checkpoint step {r['last_checkpoint_step']}")  # fmt: skip
-            res.check(f"{label}: on {'GPU' if cuda else 'CPU'}", r["device"] == ("GPU" if cuda else "CPU"),
-                      f"job said {r['device']}")  # fmt: skip
+            res.check(
+                f"{label}: starts at step {first}", bool(steps_seen) and steps_seen[0] == first, f"printed {steps_seen}"
+            )
+            res.check(
+                f"{label}: checkpoint at step {steps}",
+                r["last_checkpoint_step"] == steps,
+                f"latest checkpoint step {r['last_checkpoint_step']}",
+            )
+            res.check(
+                f"{label}: on {'GPU' if cuda else 'CPU'}",
+                r["device"] == ("GPU" if cuda else "CPU"),
+                f"job said {r['device']}",
+            )
             for marker in ("Duplicate GPU", "IndexError"):
                 res.check(f"{label}: no {marker!r} in output", marker not in out)
             if cuda:
                 res.check(f"{label}: FID evaluated", bool(fid), "no fid in the progress lines")
-            res.note(f"{label}: steps {steps_seen} in {wall:.0f} s, {r['img_per_s']} img/s, checkpoint step "
-                     f"{r['last_checkpoint_step']}" + (f", fid {fid[-1]}" if fid else ""))  # fmt: skip
+            res.note(
+                f"{label}: steps {steps_seen} in {wall:.0f} s, {r['img_per_s']} img/s, checkpoint step "
+                f"{r['last_checkpoint_step']}" + (f", fid {fid[-1]}" if fid else "")
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -775,7 +848,7 @@ def synthetic_folder(root: Path, n: int, resolution: int, classes: int = 10, see
 def write_datasets(tmp: Path, bucket: str) -> dict:
     """The tiny datasets every stage reads, in the stack's S3: {name: {uri, n, format, resolution}}."""
     from orchestrator.data import fashion_mnist
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.writer import write_shards
 
     run = uuid.uuid4().hex[:6]
     specs = {  # name: (source, resolution, format, samples, per shard)
@@ -790,10 +863,25 @@ def write_datasets(tmp: Path, bucket: str) -> dict:
     out = {}
     for name, (source, resolution, fmt, n, per_shard) in specs.items():
         uri = f"s3://{bucket}/datasets/gpu-smoke-{run}/{name}"
-        manifest = write_shards(source(), uri, resolution=resolution, image_format=fmt, max_samples=n,
-                                samples_per_shard=per_shard, progress=False, workers=2)  # fmt: skip
-        out[name] = {"name": name, "uri": uri, "n": manifest["num_samples"], "format": fmt, "resolution": resolution,
-                     "channels": manifest["channels"], "shards": len(manifest["shards"])}  # fmt: skip
+        manifest = write_shards(
+            source(),
+            uri,
+            resolution=resolution,
+            image_format=fmt,
+            max_samples=n,
+            samples_per_shard=per_shard,
+            progress=False,
+            workers=2,
+        )
+        out[name] = {
+            "name": name,
+            "uri": uri,
+            "n": manifest.num_samples,
+            "format": fmt,
+            "resolution": resolution,
+            "channels": manifest.channels,
+            "shards": len(manifest.shards),
+        }
     return out
 
 
@@ -804,8 +892,13 @@ def local_stack(root: Path) -> Iterator[object]:
     from orchestrator.env import Env
     from orchestrator.stack import LocalStack, Ports
 
-    env = Env.from_environ({"AWS_ACCESS_KEY_ID": "ganforge-smoke", "GANFORGE_BUCKET": "ganforge",
-                            "AWS_SECRET_ACCESS_KEY": "smoke-secret-" + os.urandom(6).hex()})  # fmt: skip
+    env = Env.from_environ(
+        {
+            "AWS_ACCESS_KEY_ID": "ganforge-smoke",
+            "GANFORGE_BUCKET": "ganforge",
+            "AWS_SECRET_ACCESS_KEY": "smoke-secret-" + os.urandom(6).hex(),
+        }
+    )
     with LocalStack(root=root, env=env, ports=Ports.free(), num_cpus=4).running(
         log=lambda *a: print("  stack:", *a, flush=True)
     ) as st:
@@ -837,9 +930,23 @@ def run_stage(name: str, args, ctx_path: Path, log_dir: Path) -> dict:
     timeout *= args.timeout_scale
     result_path, log_path = log_dir / f"{name}.json", log_dir / f"{name}.log"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--ctx", str(ctx_path),
-           "--result", str(result_path), "--device", args.device, "--cpu-amp", args.cpu_amp,
-           "--job-timeout", str(args.job_timeout), *(["--compile"] if args.compile else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--stage",
+        name,
+        "--ctx",
+        str(ctx_path),
+        "--result",
+        str(result_path),
+        "--device",
+        args.device,
+        "--cpu-amp",
+        args.cpu_amp,
+        "--job-timeout",
+        str(args.job_timeout),
+        *(["--compile"] if args.compile else []),
+    ]
     t0 = time.monotonic()
     timed_out = False
     with open(log_path, "w") as log:
@@ -909,8 +1016,10 @@ def print_report(results: dict, args) -> None:
     console = Console(width=max(Console().width, 150))
     m = results["machine"]
     gpu = ", ".join(results.get("env", {}).get("devices", [])) or "no GPU"
-    table = Table(title=f"gpu-smoke --device {args.device} — {gpu}; torch {m['torch']}, {m['cpus']} CPUs "
-                        f"({results['seconds']:.0f} s in all)")  # fmt: skip
+    table = Table(
+        title=f"gpu-smoke --device {args.device} — {gpu}; torch {m['torch']}, {m['cpus']} CPUs "
+        f"({results['seconds']:.0f} s in all)"
+    )
     table.add_column("stage", no_wrap=True)
     table.add_column("ok", no_wrap=True)
     table.add_column("s", justify="right")

@@ -17,11 +17,12 @@ from PIL import Image
 
 from orchestrator.config import DataConfig
 from orchestrator.data import fashion_mnist
-from orchestrator.data import loader as loader_mod
 from orchestrator.data import s3 as s3mod
+from orchestrator.data import stream as stream_mod
 from orchestrator.data.loader import ShardLoader
+from orchestrator.data.manifest import Manifest
 from orchestrator.data.s3 import DataError, check_prefix
-from orchestrator.data.shards import manifest_hash, write_shards
+from orchestrator.data.writer import write_shards
 from orchestrator.env import Env
 from tests.damage import scramble_png
 
@@ -35,7 +36,7 @@ def dataset(stack):
     uri = f"s3://ganforge/datasets/fmnist-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     manifest = write_shards("fashion-mnist", uri, max_samples=N, samples_per_shard=PER_SHARD, progress=False)
-    print(f"\nwrote {N} samples in {len(manifest['shards'])} shards in {time.monotonic() - t0:.1f} s")
+    print(f"\nwrote {N} samples in {len(manifest.shards)} shards in {time.monotonic() - t0:.1f} s")
     return uri, manifest
 
 
@@ -75,13 +76,14 @@ def _counts(images: np.ndarray) -> collections.Counter:
 def test_manifest_in_bucket(s3, dataset):
     uri, manifest = dataset
     prefix = uri.split("/", 3)[3]
-    stored = json.loads(s3.get_object(Bucket="ganforge", Key=f"{prefix}/manifest.json")["Body"].read())
-    assert stored == manifest == check_prefix(uri)
-    assert manifest["num_samples"] == N and len(manifest["shards"]) == N // PER_SHARD
-    assert (manifest["resolution"], manifest["channels"], manifest["num_classes"]) == (32, 1, 10)
+    stored = s3.get_object(Bucket="ganforge", Key=f"{prefix}/manifest.json")["Body"].read()
+    assert json.loads(stored) == manifest.to_json()
+    assert Manifest.from_json(stored, uri) == manifest == check_prefix(uri)
+    assert manifest.num_samples == N and len(manifest.shards) == N // PER_SHARD
+    assert (manifest.resolution, manifest.channels, manifest.num_classes) == (32, 1, 10)
     keys = {o["Key"].rsplit("/", 1)[1] for o in s3.list_objects_v2(Bucket="ganforge", Prefix=prefix)["Contents"]}
-    assert {s["name"] for s in manifest["shards"]} | {s["index"] for s in manifest["shards"]} <= keys
-    assert len(manifest_hash(manifest)) == 64
+    assert {s.name for s in manifest.shards} | {s.index for s in manifest.shards} <= keys
+    assert len(manifest.hash) == 64
 
 
 @pytest.mark.parametrize("threads", [1, 3])  # 3: three single-threaded DALI pipelines taking batches in turn
@@ -129,7 +131,7 @@ def test_random_crops_cut_the_drawn_box(dataset):
         plain = next(iter(loader))[0]
     with ShardLoader(dataclasses.replace(cfg, crop_scale=0.4)) as loader:
         cropped = next(iter(loader))[0]
-        boxes = np.stack([loader._window_order(0, i, 1)[1][0, 1:] for i in range(64)])  # y0, x0, y1, x1
+        boxes = np.stack([loader.order.window_order(0, i, 1)[1][0, 1:] for i in range(64)])  # y0, x0, y1, x1
     side = boxes[:, 2] - boxes[:, 0]
     assert np.allclose(boxes[:, 3] - boxes[:, 1], side, atol=1e-6) and (side**2 >= 0.4 - 1e-6).all()
     assert (side < 0.9).sum() > 20 and boxes[:, :2].min() >= 0 and boxes[:, 2:].max() <= 1 + 1e-6
@@ -153,9 +155,10 @@ def test_colour_images_keep_their_channels(s3, tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(folder / f"{i:04d}.png")
     uri = f"s3://ganforge/datasets/colour-{uuid.uuid4().hex[:8]}"
-    manifest = write_shards(str(tmp_path / "colour"), uri, image_format="png", samples_per_shard=40, progress=False,
-                            workers=1)  # fmt: skip
-    assert (manifest["channels"], manifest["resolution"], manifest["num_samples"]) == (3, 32, 120)
+    manifest = write_shards(
+        str(tmp_path / "colour"), uri, image_format="png", samples_per_shard=40, progress=False, workers=1
+    )
+    assert (manifest.channels, manifest.resolution, manifest.num_samples) == (3, 32, 120)
     with ShardLoader(_cfg(uri, batch_size=24, hflip=True, num_threads=2)) as loader:
         assert loader.channels == 3
         x, _ = _epoch(loader)
@@ -216,7 +219,7 @@ def test_rerun_skips_shards_already_there(monkeypatch, s3, dataset):
     real = c.upload_file
     monkeypatch.setattr(c, "upload_file", lambda *a, **kw: (uploads.append(a[2]), real(*a, **kw)))
     again = write_shards("fashion-mnist", uri, max_samples=N, samples_per_shard=PER_SHARD, progress=False)
-    assert uploads == [] and manifest_hash(again) == manifest_hash(manifest)
+    assert uploads == [] and again.hash == manifest.hash
     s3.delete_object(Bucket="ganforge", Key=f"{prefix}/train-000003.tar")  # an interrupted first run
     write_shards("fashion-mnist", uri, max_samples=N, samples_per_shard=PER_SHARD, progress=False)
     assert uploads == [f"{prefix}/train-000003.tar"]
@@ -304,7 +307,7 @@ def test_truncated_shard(s3, dataset, reference):
     with pytest.raises(DataError, match=r"train-000005.tar is \d+ bytes but manifest.json says"):
         ShardLoader(_cfg(bad_uri))  # caught before training starts
     # A writer that produced the short shard and described it honestly: the rest of the shard is skipped, counted.
-    fixed = json.loads(json.dumps(manifest))
+    fixed = manifest.to_json()
     entry = next(s for s in fixed["shards"] if s["name"] == "train-000005.tar")
     entry.update(bytes=len(cut), sha256=hashlib.sha256(cut).hexdigest())
     s3.put_object(Bucket="ganforge", Key=f"{prefix}/manifest.json", Body=json.dumps(fixed).encode())
@@ -337,12 +340,12 @@ def test_shard_cache_serves_later_epochs_identically(monkeypatch, tmp_path, data
     uri, manifest = dataset
     opened = []
 
-    class Counting(loader_mod.ObjectStream):
+    class Counting(stream_mod.ObjectStream):
         def __init__(self, bucket, key, **kw):
             opened.append(key.rsplit("/", 1)[1])
             super().__init__(bucket, key, **kw)
 
-    monkeypatch.setattr(loader_mod, "ObjectStream", Counting)
+    monkeypatch.setattr(stream_mod, "ObjectStream", Counting)
     batches = N // BATCH
     with ShardLoader(_cfg(uri, hflip=True)) as plain:
         it = iter(plain)
@@ -355,7 +358,7 @@ def test_shard_cache_serves_later_epochs_identically(monkeypatch, tmp_path, data
             x, y = next(it)
             assert torch.equal(x, expected[i][0]) and torch.equal(y, expected[i][1]), f"batch {i} differs"
     tars = [o for o in opened if o.endswith(".tar")]
-    assert sorted(tars) == sorted(s["name"] for s in manifest["shards"])  # epoch 2 came from the cache alone
+    assert sorted(tars) == sorted(s.name for s in manifest.shards)  # epoch 2 came from the cache alone
     assert sorted(p.name.split("-", 1)[1] for p in cache.glob("*.tar")) == sorted(tars)
 
 
@@ -370,7 +373,7 @@ def test_shards_without_index_are_parsed_and_resume(s3, dataset, reference):
     assert _counts(_to_uint8(x)) == _counts(reference[0])
     cfg = _cfg(bad_uri, hflip=True, shuffle_buffer=100, batch_size=50)
     with ShardLoader(cfg) as loader:
-        order = [s["name"] for s in loader._epoch_shards(0)]
+        order = [s.name for s in loader.order.shards(loader._entries, 0)]
         it = iter(loader)
         stop = order.index("train-000001.tar") * PER_SHARD + 250  # resuming re-reads from sample 200 of that shard
         for _ in range(stop // 50):

@@ -23,8 +23,11 @@ import gan_models
 from orchestrator import cli
 from orchestrator.config import DataConfig, build_config
 from orchestrator.data import fashion_mnist
+from orchestrator.data.images import encode
 from orchestrator.data.loader import ShardLoader
-from orchestrator.data.shards import encode, iter_tar_samples, manifest_hash, write_shards
+from orchestrator.data.manifest import Manifest
+from orchestrator.data.tar import iter_tar_samples
+from orchestrator.data.writer import write_shards
 from orchestrator.export import export_synthetic
 from orchestrator.tracking import registry
 from orchestrator.train import checkpoint as ckpt
@@ -56,8 +59,8 @@ def model(stack, tag, tmp_path_factory):
         for p in recipe.G_ema.parameters():
             p.add_(0.2 * torch.randn_like(p))
     directory = tmp_path_factory.mktemp("ckpt") / "checkpoint"
-    shared = {"recipe": recipe.state_dict(), "step": 2, "tick": 1, "config": job.to_dict()}
-    ckpt.save(directory, rank=0, rank_state={}, shared=shared, meta={"step": 2})
+    state = ckpt.TrainState(recipe.state_dict(), step=2, tick=1, config=job.to_dict())
+    ckpt.save(directory, rank=0, rank_state=ckpt.RankState({}, {}), train=state)
     client = MlflowClient(stack.mlflow_url)
     name = f"export-{tag}"
     run = client.create_run(client.create_experiment(name))
@@ -80,8 +83,9 @@ def get(s3, uri: str, name: str) -> bytes:
 def full(stack, model, tag):
     """An uninterrupted export from models:/NAME@champion."""
     uri = f"s3://ganforge/synthetic/{tag}/full"
-    result = export_synthetic(f"models:/{model['name']}@champion", uri, n=N, seed=SEED, truncation=TRUNC,
-                              samples_per_shard=PER_SHARD, **QUIET)  # fmt: skip
+    result = export_synthetic(
+        f"models:/{model['name']}@champion", uri, n=N, seed=SEED, truncation=TRUNC, samples_per_shard=PER_SHARD, **QUIET
+    )
     return uri, result
 
 
@@ -90,30 +94,69 @@ def test_manifest_shards_and_sample_metadata(s3, model, full):
     manifest = result.manifest
     names = [f"train-{k:06d}.tar" for k in range(5)]
     assert result.written == names and result.reused == [] and result.deleted == []
-    assert json.loads(get(s3, uri, "manifest.json")) == manifest
-    assert {k: manifest[k] for k in ("format", "name", "resolution", "channels", "num_classes", "classes",
-                                     "num_samples", "image_ext")} == {
-        "format": 1, "name": f"{model['name']}-synthetic", "resolution": 32, "channels": 3, "num_classes": 10,
-        "classes": fashion_mnist.CLASSES, "num_samples": N, "image_ext": "png"}  # fmt: skip
-    syn = manifest["synthetic"]
-    assert {k: syn[k] for k in ("model", "resolved", "version", "run_id", "seed", "truncation", "class", "labels",
-                                "n", "samples_per_shard", "training_dataset")} == {
-        "model": f"models:/{model['name']}@champion", "resolved": f"models:/{model['name']}/1", "version": "1",
-        "run_id": model["run_id"], "seed": SEED, "truncation": TRUNC, "class": None, "labels": "balanced", "n": N,
-        "samples_per_shard": PER_SHARD, "training_dataset": model["dataset"]}  # fmt: skip
-    assert [s["count"] for s in manifest["shards"]] == [12, 12, 12, 12, 2]
+    assert json.loads(get(s3, uri, "manifest.json")) == manifest.to_json()
+    fields = manifest.to_json()
+    assert {
+        k: fields[k]
+        for k in ("format", "name", "resolution", "channels", "num_classes", "classes", "num_samples", "image_ext")
+    } == {
+        "format": 1,
+        "name": f"{model['name']}-synthetic",
+        "resolution": 32,
+        "channels": 3,
+        "num_classes": 10,
+        "classes": fashion_mnist.CLASSES,
+        "num_samples": N,
+        "image_ext": "png",
+    }
+    syn = manifest.synthetic
+    assert {
+        k: syn[k]
+        for k in (
+            "model",
+            "resolved",
+            "version",
+            "run_id",
+            "seed",
+            "truncation",
+            "class",
+            "labels",
+            "n",
+            "samples_per_shard",
+            "training_dataset",
+        )
+    } == {
+        "model": f"models:/{model['name']}@champion",
+        "resolved": f"models:/{model['name']}/1",
+        "version": "1",
+        "run_id": model["run_id"],
+        "seed": SEED,
+        "truncation": TRUNC,
+        "class": None,
+        "labels": "balanced",
+        "n": N,
+        "samples_per_shard": PER_SHARD,
+        "training_dataset": model["dataset"],
+    }
+    assert [s.count for s in manifest.shards] == [12, 12, 12, 12, 2]
     assert set(objects(s3, uri)) == {"manifest.json", *names, *(n.replace(".tar", ".idx") for n in names)}
 
     samples = []
-    for entry in manifest["shards"]:
-        data = get(s3, uri, entry["name"])
-        assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
-        assert get(s3, uri, entry["index"]).startswith(b"v1.2 ")  # DALI's own index format
+    for entry in manifest.shards:
+        data = get(s3, uri, entry.name)
+        assert len(data) == entry.bytes and hashlib.sha256(data).hexdigest() == entry.sha256
+        assert get(s3, uri, entry.index).startswith(b"v1.2 ")  # DALI's own index format
         samples += [(key, parts) for key, parts, _ in iter_tar_samples(io.BytesIO(data))]
     assert [k for k, _ in samples] == [f"{i:08d}" for i in range(N)]
     metas = [json.loads(parts["json"]) for _, parts in samples]
-    assert metas[13] == {"label": 3, "class": fashion_mnist.CLASSES[3], "seed": SEED + 13, "truncation": TRUNC,
-                         "source": f"models:/{model['name']}/1", "version": "1"}  # fmt: skip
+    assert metas[13] == {
+        "label": 3,
+        "class": fashion_mnist.CLASSES[3],
+        "seed": SEED + 13,
+        "truncation": TRUNC,
+        "source": f"models:/{model['name']}/1",
+        "version": "1",
+    }
     assert [m["seed"] for m in metas] == list(range(SEED, SEED + N))
     assert [int(parts["cls"]) for _, parts in samples] == [m["label"] for m in metas] == [i % 10 for i in range(N)]
     assert np.bincount([m["label"] for m in metas]).tolist() == [5] * 10  # balanced
@@ -123,8 +166,13 @@ def test_manifest_shards_and_sample_metadata(s3, model, full):
 def regenerate(model_name: str, seeds, labels, truncation) -> np.ndarray:
     """What the registered model's predict gives for one row per sample, as uint8 N×3×H×W."""
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/1")
-    rows = pd.DataFrame({"seed": np.asarray(seeds, dtype=np.int64), "class": np.asarray(labels, dtype=np.int64),
-                         "truncation": np.full(len(seeds), truncation)})  # fmt: skip
+    rows = pd.DataFrame(
+        {
+            "seed": np.asarray(seeds, dtype=np.int64),
+            "class": np.asarray(labels, dtype=np.int64),
+            "truncation": np.full(len(seeds), truncation),
+        }
+    )
     return np.rint((np.clip(pyfunc.predict(rows), -1, 1) + 1) * 127.5)
 
 
@@ -173,22 +221,34 @@ def test_interrupted_export_resumes_shard_by_shard(s3, model, full, tag):
     assert second.reused == first.written and second.written == [f"train-{k:06d}.tar" for k in (2, 3, 4)]
     after = objects(s3, uri)
     assert all(after[k]["LastModified"] == before[k]["LastModified"] for k in before)  # not uploaded again
-    assert manifest_hash(second.manifest) == manifest_hash(full_result.manifest)  # = the uninterrupted export
-    assert second.manifest["shards"] == full_result.manifest["shards"]
+    assert second.manifest.hash == full_result.manifest.hash  # = the uninterrupted export
+    assert second.manifest.shards == full_result.manifest.shards
 
     # a shard lost later (manifest still there): the CLI re-run regenerates exactly that one
     bucket, prefix = uri[5:].split("/", 1)
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/train-000003.tar")
     time.sleep(1.1)
-    argv = ["sample", source, "--n", str(N), "--seed", str(SEED), "--truncation", str(TRUNC), "--shard-size",
-            str(PER_SHARD), "--to", uri]  # fmt: skip
+    argv = [
+        "sample",
+        source,
+        "--n",
+        str(N),
+        "--seed",
+        str(SEED),
+        "--truncation",
+        str(TRUNC),
+        "--shard-size",
+        str(PER_SHARD),
+        "--to",
+        uri,
+    ]
     assert cli.main(argv) == 0
     third = objects(s3, uri)
     assert set(third) == set(after)
     changed = sorted(k for k in third if third[k]["LastModified"] != after[k]["LastModified"])
     assert changed == ["manifest.json", "train-000003.tar"]
-    final = json.loads(get(s3, uri, "manifest.json"))
-    assert manifest_hash(final) == manifest_hash(full_result.manifest)
+    final = Manifest.from_json(get(s3, uri, "manifest.json"), uri)
+    assert final.hash == full_result.manifest.hash
 
     # nothing missing: a re-run writes nothing, not even the manifest
     again = export_synthetic(source, uri, **args)
@@ -209,8 +269,21 @@ def test_other_datasets_are_refused_in_one_line(s3, model, full, tag, capsys):
     base = ["--n", str(N), "--truncation", str(TRUNC), "--shard-size", str(PER_SHARD)]
     err = refused([source, *base, "--seed", "8", "--to", full_uri])
     assert f"{full_uri} already holds another synthetic export (seed 7 there, 8 asked)" in err and "--overwrite" in err
-    err = refused([source, "--n", "20", "--seed", str(SEED), "--truncation", str(TRUNC), "--shard-size",
-                   str(PER_SHARD), "--to", full_uri])  # fmt: skip
+    err = refused(
+        [
+            source,
+            "--n",
+            "20",
+            "--seed",
+            str(SEED),
+            "--truncation",
+            str(TRUNC),
+            "--shard-size",
+            str(PER_SHARD),
+            "--to",
+            full_uri,
+        ]
+    )
     assert "already holds 50 samples of this export; --n 20 would drop some" in err
     err = refused([source, *base, "--to", model["dataset"]])
     assert f"{model['dataset']} already holds dataset 'fashion-mnist' (20 samples), not a synthetic export" in err
@@ -227,21 +300,27 @@ def test_other_datasets_are_refused_in_one_line(s3, model, full, tag, capsys):
     result = export_synthetic(source, uri, n=20, seed=2, samples_per_shard=PER_SHARD, overwrite=True, **QUIET)
     assert result.written == ["train-000000.tar", "train-000001.tar"]
     assert result.deleted == ["train-000002.idx", "train-000002.tar"]  # the old export's leftover
-    assert set(objects(s3, uri)) == {"manifest.json", "train-000000.tar", "train-000000.idx", "train-000001.tar",
-                                     "train-000001.idx"}  # fmt: skip
-    assert result.manifest["synthetic"]["seed"] == 2 and result.manifest["num_samples"] == 20
+    assert set(objects(s3, uri)) == {
+        "manifest.json",
+        "train-000000.tar",
+        "train-000000.idx",
+        "train-000001.tar",
+        "train-000001.idx",
+    }
+    assert result.manifest.synthetic["seed"] == 2 and result.manifest.num_samples == 20
 
 
 def test_checkpoint_source_fixed_class_jpeg(s3, model, full, tag):
     """A training checkpoint (no registry), one class, JPEG: DALI decodes the model's images as JPEG keeps them."""
     uri = f"s3://ganforge/synthetic/{tag}/jpeg"
-    result = export_synthetic(model["checkpoint"], uri, n=8, seed=0, class_=4, image_format="jpg",
-                              samples_per_shard=8, **QUIET)  # fmt: skip
+    result = export_synthetic(
+        model["checkpoint"], uri, n=8, seed=0, class_=4, image_format="jpg", samples_per_shard=8, **QUIET
+    )
     m = result.manifest
-    assert m["image_ext"] == "jpg" and m["synthetic"]["resolved"] == model["checkpoint"]
-    assert m["synthetic"]["labels"] == "fixed" and m["synthetic"]["version"] == ""
+    assert m.image_ext == "jpg" and m.synthetic["resolved"] == model["checkpoint"]
+    assert m.synthetic["labels"] == "fixed" and m.synthetic["version"] == ""
     # the registered version was made from this checkpoint: the same weights, whichever way they were loaded
-    assert m["synthetic"]["weights_sha256"] == full[1].manifest["synthetic"]["weights_sha256"]
+    assert m.synthetic["weights_sha256"] == full[1].manifest.synthetic["weights_sha256"]
     assert set(objects(s3, uri)) == {"manifest.json", "train-000000.tar", "train-000000.idx"}
     images, labels = read_back(uri, 8, batch=4)
     assert (labels == 4).all()

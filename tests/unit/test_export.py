@@ -9,6 +9,7 @@ import torch
 
 import gan_models
 from orchestrator import cli
+from orchestrator.data.manifest import Manifest, ShardEntry
 from orchestrator.export import (
     ExportError,
     Remote,
@@ -51,20 +52,22 @@ def test_labels_are_balanced_fixed_or_zero():
 
 
 def remote_for(shard: ShardPlan, fp: str = FP, count: int | None = None, idx_sha: str = "1" * 64) -> dict:
-    meta = {**shard_metadata(fp, shard.count if count is None else count), "sha256": "a" * 64,
-            "index-sha256": idx_sha}  # fmt: skip
+    meta = {**shard_metadata(fp, shard.count if count is None else count), "sha256": "a" * 64, "index-sha256": idx_sha}
     return {shard.name: Remote(1234, meta), shard.index_name: Remote(56, {"sha256": "1" * 64})}
 
 
 def test_split_done_keeps_only_complete_shards_of_this_export():
     plan = shard_plan(50, 12)  # 12, 12, 12, 12, 2
-    remote = {**remote_for(plan[0]), **remote_for(plan[1], fp="0" * 64), **remote_for(plan[2], idx_sha="2" * 64),
-              **remote_for(plan[4], count=12)}  # fmt: skip
+    remote = {
+        **remote_for(plan[0]),
+        **remote_for(plan[1], fp="0" * 64),
+        **remote_for(plan[2], idx_sha="2" * 64),
+        **remote_for(plan[4], count=12),
+    }
     remote.update(remote_for(plan[3]))
     del remote[plan[3].index_name]  # tar without its index
     todo, done = split_done(plan, FP, remote)
-    assert done == [{"name": "train-000000.tar", "index": "train-000000.idx", "count": 12, "bytes": 1234,
-                     "sha256": "a" * 64}]  # fmt: skip
+    assert done == [ShardEntry("train-000000.tar", "train-000000.idx", 12, 1234, "a" * 64)]
     # another fingerprint, an index the tar did not record, no index, and a count from an export of another n
     assert [s.index for s in todo] == [1, 2, 3, 4]
     assert foreign_shards(remote, FP) == ["train-000001.tar"]
@@ -72,24 +75,41 @@ def test_split_done_keeps_only_complete_shards_of_this_export():
 
 
 def synthetic(**over) -> dict:
-    block = {"resolved": "models:/g/1", "weights_sha256": "b" * 64, "seed": 0, "truncation": 0.7, "class": None,
-             "image_ext": "png", "samples_per_shard": 10, "n": 100, "fingerprint": FP}  # fmt: skip
+    block = {
+        "resolved": "models:/g/1",
+        "weights_sha256": "b" * 64,
+        "seed": 0,
+        "truncation": 0.7,
+        "class": None,
+        "image_ext": "png",
+        "samples_per_shard": 10,
+        "n": 100,
+        "fingerprint": FP,
+    }
     return {**block, **over}
+
+
+def held(block: dict | None, name: str = "g-synthetic", num_samples: int = 100) -> Manifest:
+    """The manifest already under the target prefix: a synthetic export's (``block``) or another dataset's."""
+    return Manifest(name, 32, 3, tuple("0123456789"), num_samples, "png", (), block)
 
 
 def test_check_target_refuses_other_datasets_in_one_line():
     uri = "s3://b/synthetic/g"
     check_target(None, synthetic(), uri, overwrite=False)
-    check_target({"synthetic": synthetic()}, synthetic(), uri, overwrite=False)  # the same export: resume
-    check_target({"synthetic": synthetic(n=50)}, synthetic(), uri, overwrite=False)  # a larger n extends it
+    check_target(held(synthetic()), synthetic(), uri, overwrite=False)  # the same export: resume
+    check_target(held(synthetic(n=50)), synthetic(), uri, overwrite=False)  # a larger n extends it
+    other = synthetic(resolved="models:/g/2", weights_sha256="c" * 64, fingerprint="0" * 64)
     cases = [
-        ({"name": "fashion-mnist", "num_samples": 60000}, "holds dataset 'fashion-mnist' (60000 samples), not a "
-                                                          "synthetic export"),
-        ({"synthetic": synthetic(seed=3, fingerprint="0" * 64)}, "(seed 3 there, 0 asked)"),
-        ({"synthetic": synthetic(resolved="models:/g/2", weights_sha256="c" * 64, fingerprint="0" * 64)},
-         "resolved 'models:/g/2' there, 'models:/g/1' asked; weights_sha256 cccccccccccc… there, bbbbbbbbbbbb… asked"),
-        ({"synthetic": synthetic(n=200)}, "already holds 200 samples of this export; --n 100 would drop some"),
-    ]  # fmt: skip
+        (held(None, "fashion-mnist", 60000), "holds dataset 'fashion-mnist' (60000 samples), not a synthetic export"),
+        (held(synthetic(seed=3, fingerprint="0" * 64)), "(seed 3 there, 0 asked)"),
+        (
+            held(other),
+            "resolved 'models:/g/2' there, 'models:/g/1' asked; weights_sha256 cccccccccccc… there, "
+            "bbbbbbbbbbbb… asked",
+        ),
+        (held(synthetic(n=200)), "already holds 200 samples of this export; --n 100 would drop some"),
+    ]
     for old, text in cases:
         with pytest.raises(ExportError) as e:
             check_target(old, synthetic(), uri, overwrite=False)

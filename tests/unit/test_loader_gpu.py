@@ -4,7 +4,6 @@ which DALI failures count as a bad image, the bound on re-sending a batch, and t
 from __future__ import annotations
 
 import io
-from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +15,9 @@ from PIL import Image
 from orchestrator.config import DataConfig, build_config
 from orchestrator.data import loader as loader_mod
 from orchestrator.data.loader import ShardLoader
+from orchestrator.data.manifest import Manifest
 from orchestrator.data.s3 import DataError
+from orchestrator.data.stream import Batches, Order
 from orchestrator.metrics.fid import reference_key
 from orchestrator.train import evaluation as ev
 
@@ -111,8 +112,12 @@ def test_only_image_failures_count_as_decode_errors():
     oom = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139.8 GiB total capacity)"
     assert not loader_mod.is_decode_error(torch.OutOfMemoryError(oom))
     in_decoder = DALI_DECODE_ERROR.split("encountered:")[0] + "encountered:\n\n"
-    for device_failure in ("nvImageCodec failed: cudaErrorMemoryAllocation", "CUDA error: an illegal memory access",
-                           "CUDA_ERROR_OUT_OF_MEMORY", "Failed to decode sample #3 : out of memory"):  # fmt: skip
+    for device_failure in (
+        "nvImageCodec failed: cudaErrorMemoryAllocation",
+        "CUDA error: an illegal memory access",
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "Failed to decode sample #3 : out of memory",
+    ):
         assert not loader_mod.is_decode_error(RuntimeError(in_decoder + device_failure)), device_failure
         assert not loader_mod.is_decode_error(RuntimeError(f"... {device_failure} ..."))
     other_op = "Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.crop_mirror_normalize`"
@@ -128,7 +133,7 @@ def _png() -> bytes:
 
 
 def _batch(pos: int, images: list[bytes]) -> tuple:
-    """A ``_pending`` entry: (position after, skipped, kept samples with their augmentation rows)."""
+    """A ``Batches.pending`` entry: (position after, skipped, kept samples with their augmentation rows)."""
     kept = [((np.frombuffer(data, np.uint8), i, False), [0.0, 0.0, 0.0, 1.0, 1.0]) for i, data in enumerate(images)]
     return (0, pos), 0, kept
 
@@ -148,30 +153,36 @@ class _FailingDali:
         if self.calls > self.limit:
             raise AssertionError(f"still retrying after {self.limit} failures")
         if self.refill is not None:
-            self.loader._pending.append(self.refill(self.calls))
+            self.loader._batches.pending.append(self.refill(self.calls))
         raise self.exc
 
 
 def _loader(pending: list) -> ShardLoader:
     loader = object.__new__(ShardLoader)
-    loader.channels, loader.device, loader.skipped, loader._thread = 3, torch.device("cpu"), 0, None
-    loader._turn, loader._failure, loader._requeued, loader._fruitless = 0, None, None, 0
-    loader._pending = deque(pending)
+    loader.channels, loader.device, loader.skipped, loader._started = 3, torch.device("cpu"), 0, False
+    loader._turn, loader._reader = 0, SimpleNamespace(failure=None)
+    order = Order(seed=0, rank=0, window=1, hflip=False, crop_scale=1.0)
+    loader._batches = Batches(
+        loader._reader, order, batch_size=3, epoch_size=1000, epoch=0, pos=0, on_skip=loader._skip
+    )
+    loader._batches.pending.extend(pending)
     return loader
 
 
 @pytest.mark.parametrize(
     "exc",
-    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
-     RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image` ... cudaErrorMemoryAllocation")],
-)  # fmt: skip
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+        RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image` ... cudaErrorMemoryAllocation"),
+    ],
+)
 def test_out_of_memory_is_raised_not_treated_as_a_bad_image(exc):
     loader = _loader([_batch(50, [_png()] * 3), _batch(100, [_png()] * 3)])
     loader._iters = [_FailingDali(loader, exc)]
     with pytest.raises(type(exc)) as raised:
         next(iter(loader))
     assert raised.value is exc
-    assert len(loader._pending) == 2 and loader.skipped == 0  # nothing dropped or re-sent
+    assert len(loader._batches.pending) == 2 and loader.skipped == 0  # nothing dropped or re-sent
 
 
 def test_decode_error_without_a_batch_in_flight_is_a_data_error():
@@ -202,11 +213,12 @@ def test_retries_are_bounded_when_dali_rejects_images_pil_decodes():
 def test_reference_key_names_the_decoder(monkeypatch):
     monkeypatch.setattr(ev, "make_extractor", lambda *a, **k: SimpleNamespace(name="inception", weights_id="w1"))
     cfg = build_config("biggan")
-    manifest = {"resolution": 32, "num_classes": 10, "num_samples": 4000}
+    manifest = Manifest("fashion-mnist", 32, 1, tuple(str(c) for c in range(10)), 4000, "png", ())
 
     def key_parts(device):
-        return ev.Evaluator(cfg, None, rank=0, world=1, device=device, env=None, manifest=manifest,
-                            manifest_hash="h").key_parts  # fmt: skip
+        return ev.Evaluator(
+            cfg, None, rank=0, world=1, device=device, env=None, manifest=manifest, manifest_hash="h"
+        ).key_parts
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu, fallback = key_parts(torch.device("cpu")), key_parts(torch.device("cuda"))

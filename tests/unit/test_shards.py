@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -15,16 +16,21 @@ from PIL import Image
 
 from orchestrator.data import fashion_mnist
 from orchestrator.data import s3 as s3mod
-from orchestrator.data.loader import _Index, _sample, _ShardCache, image_size
+from orchestrator.data.cache import ShardCache
+from orchestrator.data.images import center_crop_resize, image_size
+from orchestrator.data.manifest import Manifest, ShardEntry
 from orchestrator.data.s3 import DataError, ObjectStream
-from orchestrator.data.shards import center_crop_resize, iter_tar_samples, manifest_hash, write_shards
+from orchestrator.data.stream import indexed_samples, sample_from_parts
+from orchestrator.data.tar import ShardIndex, iter_tar_samples
+from orchestrator.data.writer import write_shards
 
 
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory):
     out = tmp_path_factory.mktemp("fm")
-    manifest = write_shards("fashion-mnist", str(out), max_samples=250, samples_per_shard=100, progress=False,
-                            workers=2)  # fmt: skip
+    manifest = write_shards(
+        "fashion-mnist", str(out), max_samples=250, samples_per_shard=100, progress=False, workers=2
+    )
     return out, manifest
 
 
@@ -35,55 +41,77 @@ def test_tar_layout_and_keys(fmnist):
         first_json = json.loads(tf.extractfile("00000000.json").read())
         first_cls = tf.extractfile("00000000.cls").read()
         png = tf.extractfile("00000000.png").read()
-    assert names[:6] == ["00000000.png", "00000000.cls", "00000000.json", "00000001.png", "00000001.cls",
-                         "00000001.json"]  # fmt: skip
+    assert names[:6] == [
+        "00000000.png",
+        "00000000.cls",
+        "00000000.json",
+        "00000001.png",
+        "00000001.cls",
+        "00000001.json",
+    ]
     assert len(names) == 300
     images, labels = fashion_mnist.load("train")
     assert first_cls == str(labels[0]).encode()
-    assert first_json == {"label": int(labels[0]), "class": fashion_mnist.CLASSES[labels[0]],
-                          "source": "fashion-mnist/train/0"}  # fmt: skip
+    assert first_json == {
+        "label": int(labels[0]),
+        "class": fashion_mnist.CLASSES[labels[0]],
+        "source": "fashion-mnist/train/0",
+    }
     decoded = np.asarray(Image.open(io.BytesIO(png)))
     assert decoded.shape == (32, 32) and np.array_equal(decoded, fashion_mnist.pad_to_32(images[:1])[0])
 
 
 def test_manifest_fields(fmnist):
     out, manifest = fmnist
-    assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert {k: manifest[k] for k in ("format", "name", "resolution", "channels", "num_classes", "num_samples",
-                                     "image_ext")} == {"format": 1, "name": "fashion-mnist", "resolution": 32,
-                                                       "channels": 1, "num_classes": 10, "num_samples": 250,
-                                                       "image_ext": "png"}  # fmt: skip
-    assert manifest["classes"] == fashion_mnist.CLASSES
-    assert [s["count"] for s in manifest["shards"]] == [100, 100, 50]
-    assert [(s["name"], s["index"]) for s in manifest["shards"]][1] == ("train-000001.tar", "train-000001.idx")
-    for s in manifest["shards"]:
-        assert (out / s["name"]).stat().st_size == s["bytes"] and len(s["sha256"]) == 64
+    assert Manifest.from_json((out / "manifest.json").read_text(), "manifest.json") == manifest
+    assert json.loads((out / "manifest.json").read_text()) == manifest.to_json()
+    fields = manifest.to_json()
+    assert {
+        k: fields[k] for k in ("format", "name", "resolution", "channels", "num_classes", "num_samples", "image_ext")
+    } == {
+        "format": 1,
+        "name": "fashion-mnist",
+        "resolution": 32,
+        "channels": 1,
+        "num_classes": 10,
+        "num_samples": 250,
+        "image_ext": "png",
+    }
+    assert manifest.classes == tuple(fashion_mnist.CLASSES) and fields["classes"] == fashion_mnist.CLASSES
+    assert [s.count for s in manifest.shards] == [100, 100, 50]
+    assert [(s.name, s.index) for s in manifest.shards][1] == ("train-000001.tar", "train-000001.idx")
+    for s in manifest.shards:
+        assert (out / s.name).stat().st_size == s.bytes and len(s.sha256) == 64
     # the hash names the data: stable across re-writes, blind to `created`, sensitive to content
-    assert manifest_hash(manifest) == manifest_hash({**manifest, "created": "another day"})
-    assert manifest_hash(manifest) != manifest_hash({**manifest, "num_samples": 251})
+    assert manifest.hash == dataclasses.replace(manifest, created="another day").hash
+    assert manifest.hash != dataclasses.replace(manifest, num_samples=251).hash
 
 
 def test_rewrite_is_byte_identical(fmnist, tmp_path):
     _, manifest = fmnist
     again = write_shards("fashion-mnist", str(tmp_path), max_samples=250, samples_per_shard=100, progress=False)
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
 
 
 def test_dali_reads_our_index(fmnist):
     out, manifest = fmnist
-    shard = manifest["shards"][1]
+    shard = manifest.shards[1]
 
-    @pipeline_def(batch_size=shard["count"], num_threads=1, device_id=None)
+    @pipeline_def(batch_size=shard.count, num_threads=1, device_id=None)
     def pipe():
-        img, cls = fn.readers.webdataset(paths=[str(out / shard["name"])], index_paths=[str(out / shard["index"])],
-                                         ext=["png", "cls"], missing_component_behavior="error")  # fmt: skip
+        img, cls = fn.readers.webdataset(
+            paths=[str(out / shard.name)],
+            index_paths=[str(out / shard.index)],
+            ext=["png", "cls"],
+            missing_component_behavior="error",
+        )
         return fn.decoders.image(img, device="cpu", output_type=types.GRAY), cls
 
     p = pipe()
     p.build()
-    assert p.epoch_size()["__Webdataset_0"] == shard["count"]
+    assert p.epoch_size()["__Webdataset_0"] == shard.count
     imgs, cls = p.run()
-    labels = [int(bytes(np.asarray(cls[i])).decode()) for i in range(shard["count"])]
+    labels = [int(bytes(np.asarray(cls[i])).decode()) for i in range(shard.count)]
     images, expected = fashion_mnist.load("train")
     assert labels == expected[100:200].tolist()
     assert np.array_equal(np.asarray(imgs[0])[..., 0], fashion_mnist.pad_to_32(images[100:101])[0])
@@ -101,8 +129,8 @@ def test_folder_source_labels_and_resolution(tmp_path):
     _image(src / "ant" / "deep" / "a2.png", (16, 16), (0, 0, 0))
     (src / "ant" / "notes.txt").write_text("not an image")
     manifest = write_shards(str(src), str(tmp_path / "out"), resolution=16, image_format="png", progress=False)
-    assert manifest["classes"] == ["ant", "zebra"] and manifest["num_classes"] == 2
-    assert (manifest["resolution"], manifest["channels"], manifest["image_ext"]) == (16, 3, "png")
+    assert manifest.classes == ("ant", "zebra") and manifest.num_classes == 2
+    assert (manifest.resolution, manifest.channels, manifest.image_ext) == (16, 3, "png")
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tf:
         metas = [json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")]
         sizes = {Image.open(tf.extractfile(m)).size for m in tf.getmembers() if m.name.endswith(".png")}
@@ -199,13 +227,13 @@ def test_object_stream_resumes_at_the_exact_byte(monkeypatch, fmnist):
 
 def test_index_path_cuts_the_same_samples_as_the_tar_parser(fmnist):
     out, manifest = fmnist
-    entry = manifest["shards"][0]
-    data = (out / entry["name"]).read_bytes()
-    idx = _Index.parse((out / entry["index"]).read_bytes(), entry["count"], 32)
+    entry = manifest.shards[0]
+    data = (out / entry.name).read_bytes()
+    idx = ShardIndex.parse((out / entry.index).read_bytes(), entry.count)
     assert idx is not None and idx.count == 100
-    parsed = [_sample(parts, 32) for _, parts, _ in iter_tar_samples(io.BytesIO(data))]
+    parsed = [sample_from_parts(parts, 32) for _, parts, _ in iter_tar_samples(io.BytesIO(data))]
     base = idx.start[30]  # a resumed read starts at a sample's first header
-    cut = idx.samples(data[:base], 0, 0, 30) + idx.samples(data[base:], base, 30, 100)
+    cut = indexed_samples(idx, data[:base], 0, 0, 30, 32) + indexed_samples(idx, data[base:], base, 30, 100, 32)
     assert [(a[0].tobytes(), a[1], a[2]) for a in cut] == [(b[0].tobytes(), b[1], b[2]) for b in parsed]
     # damage: a tar header that disagrees with the index, a bad label, a broken image → exactly those are holes
     bad = bytearray(data)
@@ -214,16 +242,16 @@ def test_index_path_cuts_the_same_samples_as_the_tar_parser(fmnist):
     bad[label_at] = ord("x")
     png_at, png_len = idx.img[7][:2]
     bad[png_at + png_len // 2] ^= 1
-    holes = [i for i, s in enumerate(idx.samples(bytes(bad), 0, 0, 100)) if s is None]
+    holes = [i for i, s in enumerate(indexed_samples(idx, bytes(bad), 0, 0, 100, 32)) if s is None]
     assert holes == [3, 5, 7]
     # an index that does not describe the shard is refused, so the loader parses the tar instead
-    assert _Index.parse((out / entry["index"]).read_bytes(), entry["count"] + 1, 32) is None
-    assert _Index.parse(b"not an index", entry["count"], 32) is None
+    assert ShardIndex.parse((out / entry.index).read_bytes(), entry.count + 1) is None
+    assert ShardIndex.parse(b"not an index", entry.count) is None
 
 
 def test_shard_cache_keeps_verified_shards_under_its_cap(tmp_path):
-    entries = [{"name": f"train-{i:06d}.tar", "sha256": f"{i:064x}", "bytes": 1000} for i in range(5)]
-    cache = _ShardCache(str(tmp_path), max_bytes=3500)
+    entries = [ShardEntry(f"train-{i:06d}.tar", "", 1, 1000, f"{i:064x}") for i in range(5)]
+    cache = ShardCache(str(tmp_path), max_bytes=3500)
     for i, e in enumerate(entries):
         f = cache.writer(e)
         f.write(bytes(1000))
@@ -234,4 +262,6 @@ def test_shard_cache_keeps_verified_shards_under_its_cap(tmp_path):
     assert cache.open(entries[2]) is None and cache.open(entries[0]) is None
     with cache.open(entries[3]) as f:
         assert f.read() == bytes(1000)
-    assert cache.writer({**entries[0], "bytes": 4000}) is None  # larger than the whole cache: not worth copying
+    assert (
+        cache.writer(dataclasses.replace(entries[0], bytes=4000)) is None
+    )  # larger than the whole cache: not worth copying
