@@ -16,6 +16,7 @@ Bad input ends with one line on stderr naming the problem and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -101,7 +102,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_shards(args) -> int:
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.writer import write_shards
 
     manifest = write_shards(
         args.dataset,
@@ -110,7 +111,7 @@ def cmd_shards(args) -> int:
         shard_size_mb=args.shard_size_mb,
         max_samples=args.max_samples,
     )
-    print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards → {args.out.rstrip('/')}/")
+    print(f"{manifest.num_samples} samples in {len(manifest.shards)} shards → {args.out.rstrip('/')}/")
     return 0
 
 
@@ -125,16 +126,32 @@ def cmd_sample(args) -> int:
     if args.to is None:
         from orchestrator.sample import sample_grid
 
-        sample_grid(args.source, args.out or "samples.png", n=args.n, seed=args.seed, truncation=args.truncation,
-                    class_=args.class_, scale=args.scale)  # fmt: skip
+        sample_grid(
+            args.source,
+            args.out or "samples.png",
+            n=args.n,
+            seed=args.seed,
+            truncation=args.truncation,
+            class_=args.class_,
+            scale=args.scale,
+        )
         return 0
     from orchestrator.export import export_synthetic
 
     if args.out is not None:
         raise ValueError(f"--out {args.out!r} writes a grid and --to {args.to!r} a dataset; give one of them")
-    export_synthetic(args.source, args.to, n=args.n, seed=args.seed, truncation=args.truncation, class_=args.class_,
-                     samples_per_shard=args.shard_size, image_format=args.format, overwrite=args.overwrite,
-                     device=args.device)  # fmt: skip
+    export_synthetic(
+        args.source,
+        args.to,
+        n=args.n,
+        seed=args.seed,
+        truncation=args.truncation,
+        class_=args.class_,
+        samples_per_shard=args.shard_size,
+        image_format=args.format,
+        overwrite=args.overwrite,
+        device=args.device,
+    )
     return 0
 
 
@@ -150,20 +167,34 @@ def cmd_models(args) -> int:
 
 
 def add_registry_commands(sub) -> None:
-    p = sub.add_parser("sample", help="a seeded grid of samples, or with --to a synthetic dataset, from a registered "
-                                      "model or a checkpoint")  # fmt: skip
+    p = sub.add_parser(
+        "sample",
+        help="a seeded grid of samples, or with --to a synthetic dataset, from a registered model or a checkpoint",
+    )
     p.add_argument("source", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint dir or s3://…/checkpoint_…")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same PNG; with --to, "
-                                                        "sample i uses seed + i")  # fmt: skip
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="latent seed: the same seed gives the same PNG; with --to, sample i uses seed + i",
+    )
     p.add_argument("--truncation", type=float, default=None, help="truncation (BigGAN: |z| bound, StyleGAN2: psi)")
-    p.add_argument("--class", dest="class_", type=int, default=None,
-                   help="one class for all (default: grid row r → class r; with --to, balanced)")  # fmt: skip
+    p.add_argument(
+        "--class",
+        dest="class_",
+        type=int,
+        default=None,
+        help="one class for all (default: grid row r → class r; with --to, balanced)",
+    )
     p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
     p.add_argument("--out", default=None, help="grid PNG path (default samples.png)")
     g = p.add_argument_group("synthetic dataset (--to)")
-    g.add_argument("--to", default=None, help="s3://bucket/prefix: write WebDataset shards + manifest there instead "
-                                              "of a grid; re-running resumes")  # fmt: skip
+    g.add_argument(
+        "--to",
+        default=None,
+        help="s3://bucket/prefix: write WebDataset shards + manifest there instead of a grid; re-running resumes",
+    )
     g.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
     g.add_argument("--format", default="png", choices=["png", "jpg"], help="image encoding (default png, lossless)")
     g.add_argument("--overwrite", action="store_true", help="replace a different dataset already under --to")
@@ -198,8 +229,6 @@ def run_sweep_cli(argv: list[str] | None = None) -> int:
         sweep = load_sweep_config(args.config or str(JOB_CONFIGS / "tune_sweep.yaml"), args.overrides)
         sweep.job()  # the base job config must be valid too
         if args.print_config:
-            import dataclasses
-
             print(json.dumps(dataclasses.asdict(sweep), indent=2, default=str))
             return 0
         outcome = run_sweep(sweep)

@@ -4,26 +4,22 @@ A job config has six sections. ``model`` and ``hparams`` are the model's own dat
 paper defaults live beside the architecture); ``data``, ``train`` and ``tracking`` are defined here, ``health`` (the
 divergence guard's thresholds) in ``orchestrator.train.health``. Sections are
 built from plain dicts *after* all overrides are merged, so a model's resolution-dependent defaults are derived from
-the final values. Secrets never enter a config: they come from the environment (``orchestrator.env``).
+the final values. Secrets never enter a config: they come from the environment (``orchestrator.env``). Turning
+strings and YAML values into typed fields, with one-line errors, is ``orchestrator.typed``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import gan_models
+import orchestrator.metrics.classifier  # noqa: F401  registers the `classifier` extractor (fd_classifier)
+from orchestrator.metrics import features
 from orchestrator.train.health import HealthConfig
-
-
-class ConfigError(ValueError):
-    """A bad key or value; the message is one line naming it and what would be valid."""
+from orchestrator.typed import ConfigError, build, check, field_types, load_yaml, parse_value, split_override
 
 
 @dataclass
@@ -31,7 +27,7 @@ class DataConfig:
     dataset: str = "s3://ganforge/datasets/fashion-mnist"  # prefix holding manifest.json + train-*.tar
     batch_size: int = 32  # per worker
     num_threads: int = 1  # DALI CPU threads per worker (on CPU: as many one-thread pipelines, batches in turn)
-    prefetch: int = 4  # batches each DALI pipeline prepares ahead (2 → 4: +7% img/s at 64² on 2 cores)
+    prefetch: int = 4  # batches each DALI pipeline prepares ahead (docs/benchmarks.md)
     shuffle_buffer: int = 512  # samples shuffled across shard boundaries
     hflip: bool = True
     crop_scale: float = 1.0  # < 1: random square crops of [crop_scale, 1] of the area, resized back; 1 = off
@@ -40,12 +36,12 @@ class DataConfig:
     cache_gb: float = 20.0  # size cap of cache_dir (least recently used shards are evicted)
 
     def __post_init__(self):
-        _check(self.dataset.startswith("s3://"), "data.dataset", self.dataset, "an s3://bucket/prefix URI")
-        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer ≥ 1")
-        _check(self.num_threads >= 1, "data.num_threads", self.num_threads, "an integer ≥ 1")
-        _check(self.prefetch >= 1, "data.prefetch", self.prefetch, "an integer ≥ 1")
-        _check(self.cache_gb > 0, "data.cache_gb", self.cache_gb, "a size in GB > 0")
-        _check(0 < self.crop_scale <= 1, "data.crop_scale", self.crop_scale, "an area fraction in (0, 1]; 1 = no crop")
+        check(self.dataset.startswith("s3://"), "data.dataset", self.dataset, "an s3://bucket/prefix URI")
+        check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer ≥ 1")
+        check(self.num_threads >= 1, "data.num_threads", self.num_threads, "an integer ≥ 1")
+        check(self.prefetch >= 1, "data.prefetch", self.prefetch, "an integer ≥ 1")
+        check(self.cache_gb > 0, "data.cache_gb", self.cache_gb, "a size in GB > 0")
+        check(0 < self.crop_scale <= 1, "data.crop_scale", self.crop_scale, "an area fraction in (0, 1]; 1 = no crop")
 
 
 JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"  # each model's default job YAML
@@ -93,25 +89,25 @@ class TrainConfig:
     pr_n: int = 2000  # real and generated feature vectors kept for precision/recall and diversity (≤ metric_n, ref n)
 
     def __post_init__(self):
-        _check(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", self.use_gpu, "auto, true or false")
-        _check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer ≥ 1")
-        _check(0 <= self.min_workers <= self.num_workers, "train.min_workers", self.min_workers,
-               f"an integer in 0..train.num_workers ({self.num_workers}); 0 = fixed size")  # fmt: skip
-        _check(self.elastic in ELASTIC_RULES, "train.elastic", self.elastic, " or ".join(ELASTIC_RULES))
-        _check(self.accumulate >= 1, "train.accumulate", self.accumulate, "an integer ≥ 1")
-        _check(self.placement_strategy in PLACEMENTS, "train.placement_strategy", self.placement_strategy,
-               " | ".join(PLACEMENTS))  # fmt: skip
-        _check(self.steps >= 1, "train.steps", self.steps, "an integer ≥ 1")
-        _check(self.tick_steps >= 1, "train.tick_steps", self.tick_steps, "an integer ≥ 1")
-        _check(self.checkpoint_ticks >= 1, "train.checkpoint_ticks", self.checkpoint_ticks, "an integer ≥ 1")
-        _check(self.sample_ticks >= 1, "train.sample_ticks", self.sample_ticks, "an integer ≥ 1")
-        _check(self.storage_path.startswith("s3://"), "train.storage_path", self.storage_path, "an s3:// URI")
-        _check(self.metric_kimg >= 0, "train.metric_kimg", self.metric_kimg, "a number ≥ 0 (0 = off)")
-        _check(self.metric_n >= 2, "train.metric_n", self.metric_n, "an integer ≥ 2")
-        _check(self.metric_ref_n >= 2, "train.metric_ref_n", self.metric_ref_n, "an integer ≥ 2")
-        _check(self.pr_n >= 4, "train.pr_n", self.pr_n, "an integer ≥ 4 (k-NN manifolds with k = 3 need 4 points)")
+        check(self.use_gpu in ("auto", "true", "false"), "train.use_gpu", self.use_gpu, "auto, true or false")
+        check(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer ≥ 1")
+        workers = f"an integer in 0..train.num_workers ({self.num_workers}); 0 = fixed size"
+        check(0 <= self.min_workers <= self.num_workers, "train.min_workers", self.min_workers, workers)
+        check(self.elastic in ELASTIC_RULES, "train.elastic", self.elastic, " or ".join(ELASTIC_RULES))
+        check(self.accumulate >= 1, "train.accumulate", self.accumulate, "an integer ≥ 1")
+        placements = " | ".join(PLACEMENTS)
+        check(self.placement_strategy in PLACEMENTS, "train.placement_strategy", self.placement_strategy, placements)
+        check(self.steps >= 1, "train.steps", self.steps, "an integer ≥ 1")
+        check(self.tick_steps >= 1, "train.tick_steps", self.tick_steps, "an integer ≥ 1")
+        check(self.checkpoint_ticks >= 1, "train.checkpoint_ticks", self.checkpoint_ticks, "an integer ≥ 1")
+        check(self.sample_ticks >= 1, "train.sample_ticks", self.sample_ticks, "an integer ≥ 1")
+        check(self.storage_path.startswith("s3://"), "train.storage_path", self.storage_path, "an s3:// URI")
+        check(self.metric_kimg >= 0, "train.metric_kimg", self.metric_kimg, "a number ≥ 0 (0 = off)")
+        check(self.metric_n >= 2, "train.metric_n", self.metric_n, "an integer ≥ 2")
+        check(self.metric_ref_n >= 2, "train.metric_ref_n", self.metric_ref_n, "an integer ≥ 2")
+        check(self.pr_n >= 4, "train.pr_n", self.pr_n, "an integer ≥ 4 (k-NN manifolds with k = 3 need 4 points)")
         valid = known_metrics()
-        _check(self.metric in valid, "train.metric", self.metric, " or ".join(valid))
+        check(self.metric in valid, "train.metric", self.metric, " or ".join(valid))
 
 
 @dataclass
@@ -133,8 +129,7 @@ class JobConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def sections(self) -> dict[str, Any]:
-        return {"model": self.model, "hparams": self.hparams, "data": self.data, "train": self.train,
-                "tracking": self.tracking, "health": self.health}  # fmt: skip
+        return {name: getattr(self, name) for name in ("model", "hparams", "data", "train", "tracking", "health")}
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_name": self.model_name, **{k: dataclasses.asdict(v) for k, v in self.sections().items()}}
@@ -162,7 +157,7 @@ def build_config(
     module = _model_module(model_name)
     types_ = {"model": module.Config, "hparams": module.HParams, **SECTION_TYPES}
     merged: dict[str, dict] = {k: {} for k in types_}
-    for source in (base, _load_yaml(yaml_path) if yaml_path else None):
+    for source in (base, _load_sections(yaml_path) if yaml_path else None):
         for section, values in (source or {}).items():
             if section == "model_name":
                 continue
@@ -173,20 +168,8 @@ def build_config(
             merged[section].update(values)
     for item in overrides:
         section, key, value = _split_override(item, types_)
-        merged[section][key] = _parse(value, _field_type(types_[section], key))
-    sections = {}
-    for section, cls in types_.items():
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(merged[section]) - valid)
-        if unknown:
-            raise ConfigError(
-                f"unknown config key {section}.{unknown[0]}; valid {section} keys: {', '.join(sorted(valid))}"
-            )
-        try:
-            sections[section] = cls(**{k: _coerce(v, _field_type(cls, k), f"{section}.{k}")
-                                       for k, v in merged[section].items()})  # fmt: skip
-        except (TypeError, ValueError) as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
+        merged[section][key] = parse_value(value, field_types(types_[section])[key])
+    sections = {section: build(cls, merged[section], section) for section, cls in types_.items()}
     return JobConfig(model_name=model_name, **sections)
 
 
@@ -197,99 +180,26 @@ def _model_module(name: str):
         raise ConfigError(str(e)) from None
 
 
-def _load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {str(p)!r} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+def _load_sections(path: str | Path) -> dict:
+    data = load_yaml(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        raise ConfigError(f"config file {str(Path(path))!r} must hold a mapping of sections")
     return data
 
 
 def _split_override(item: str, types_: dict) -> tuple[str, str, str]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=500)")
-    key, value = item.split("=", 1)
-    section, _, name = key.strip().partition(".")
+    """``section.key=value`` → (section, key, value text) for a key the section's dataclass has."""
+    key, value = split_override(item, "train.steps=500")
+    section, _, name = key.partition(".")
     if section not in types_ or not name:
-        raise ConfigError(f"unknown config key {key!r}; keys look like <section>.<name> with section in "
-                          f"{', '.join(types_)}")  # fmt: skip
-    valid = {f.name for f in dataclasses.fields(types_[section])}
+        valid = ", ".join(types_)
+        raise ConfigError(f"unknown config key {key!r}; keys look like <section>.<name> with section in {valid}")
+    valid = field_types(types_[section])
     if name not in valid:
         raise ConfigError(f"unknown config key {key!r}; valid {section} keys: {', '.join(sorted(valid))}")
-    return section, name, value.strip()
-
-
-def _field_type(cls, name: str):
-    hints = typing.get_type_hints(cls)
-    return hints.get(name, Any)
-
-
-def _parse(text: str, tp) -> Any:
-    """A command-line string to the field's type (YAML rules for containers and null)."""
-    if tp is str:
-        return text
-    # YAML 1.1 reads 1e-4 as a string; _coerce converts by the field type afterwards.
-    return yaml.safe_load(text) if text else text
-
-
-def _coerce(value: Any, tp, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
-    if tp in (int, float):
-        try:
-            number = tp(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or (tp is int and isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key}={value!r} is not {'an integer' if tp is int else 'a number'}")
-        return number
-    if tp is str:
-        if isinstance(value, bool):  # yaml's `true` in a str field (e.g. use_gpu=true)
-            return "true" if value else "false"
-        return str(value)
-    if origin in (tuple, list):
-        seq = value.split(",") if isinstance(value, str) else value
-        if not isinstance(seq, list | tuple):
-            raise ConfigError(f"{key}={value!r} is not a list")
-        args = typing.get_args(tp)
-        item_type = args[0] if args else Any
-        items = [_coerce(v, item_type, key) for v in seq]
-        return tuple(items) if origin is tuple else items
-    return value
+    return section, name, value
 
 
 def known_metrics() -> list[str]:
     """`fid` plus `fd_<name>` for every registered domain feature extractor (DESIGN.md §5 naming)."""
-    from orchestrator.metrics import classifier, features  # classifier registers the `classifier` extractor
-
-    del classifier
     return sorted(features.metric_name(n) for n in features.registered())
-
-
-def _check(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid; expected {valid}")

@@ -20,8 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from botocore.exceptions import BotoCoreError, ClientError
 
 import gan_models
+from orchestrator.data import s3
+from orchestrator.env import Env
+from orchestrator.tracking.images import grid_columns, grid_labels
 from orchestrator.train import checkpoint as ckpt
 
 
@@ -85,9 +89,9 @@ class Generator:
         """The generator and the job config (a dict) the checkpoint was trained with."""
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"checkpoint directory {directory!r} not found")
-        shared = ckpt.load_shared(directory)
-        job = shared["config"]
-        return cls(job["model_name"], job["model"], shared["recipe"]["G_ema"], device), job
+        state = ckpt.load_train_state(directory)
+        job = state.config
+        return cls(job["model_name"], job["model"], state.recipe["G_ema"], device), job
 
     @classmethod
     def from_s3(cls, uri: str, device: str = "cpu") -> Generator:
@@ -102,43 +106,19 @@ class Generator:
 
 
 def download_checkpoint(uri: str, directory: str, files: tuple[str, ...]) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from orchestrator.data import s3
-    from orchestrator.env import Env, split_s3_uri
-
     env = Env.from_environ()
-    bucket, prefix = split_s3_uri(uri)
+    bucket, prefix = s3.split_prefix(uri)
     client = s3.client(env, fail_fast=True)
     for name in files:
-        key = f"{prefix.rstrip('/')}/{name}"
+        key = prefix + name
         try:
             client.download_file(bucket, key, str(Path(directory) / name))
         except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
+            if s3.is_missing(e):
                 raise FileNotFoundError(f"no checkpoint at {uri} ({name} missing)") from None
             raise s3.DataError(s3.describe_error(e, env, f"s3://{bucket}/{key}")) from None
         except (BotoCoreError, OSError) as e:
             raise s3.DataError(s3.describe_error(e, env, f"s3://{bucket}/{key}")) from None
-
-
-def grid_columns(n: int) -> int:
-    """Images per grid row (``image_grid``'s default): a square-ish grid."""
-    return math.ceil(math.sqrt(n))
-
-
-def grid_labels(n: int, c_dim: int, nrow: int, class_: int | None = None) -> torch.Tensor | None:
-    """Class labels for a grid of ``n``: ``class_`` everywhere, or row r holds class r mod ``c_dim``; None when the
-    model is unconditional."""
-    if not c_dim:
-        if class_ is not None:
-            raise ValueError(f"class {class_} given but the model is unconditional")
-        return None
-    if class_ is not None:
-        if not 0 <= class_ < c_dim:
-            raise ValueError(f"class {class_} out of range; valid: 0..{c_dim - 1}")
-        return torch.full((n,), class_, dtype=torch.int64)
-    return (torch.arange(n) // nrow) % c_dim
 
 
 def draw(gen, n: int, seed: int, truncation: float | None = None, class_: int | None = None) -> torch.Tensor:
@@ -147,6 +127,15 @@ def draw(gen, n: int, seed: int, truncation: float | None = None, class_: int | 
         raise ValueError(f"n {n} not supported; valid: ≥ 1")
     z = gen.latents(n, torch.Generator().manual_seed(seed), truncation)
     return gen.sample(z, grid_labels(n, gen.c_dim, grid_columns(n), class_), truncation)
+
+
+def fixed_latents(model, grid_size: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training grid's latents and labels for ``model`` (a recipe or a Generator): the same every tick, so grids
+    show training progress rather than sampling noise, and the same for the final grid of the finished run."""
+    n = grid_size**2
+    z = model.latents(n, torch.Generator().manual_seed(seed + 12345)).to(device)
+    c = grid_labels(n, model.c_dim, grid_size)
+    return z, None if c is None else c.to(device)
 
 
 def _truncation(value: Any) -> float | None:

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.generator import Generator, draw, grid_columns, grid_labels
+from orchestrator.env import split_s3_uri
+from orchestrator.generator import Generator, draw
+from orchestrator.tracking.images import grid_columns, grid_labels, image_grid
 
 MODELS_SCHEME = "models:/"
 
@@ -55,8 +57,6 @@ def parse_source(uri: str) -> Source:
                 return Source("registry", uri, name=name, version=version)
         raise ValueError(f"bad model URI {uri!r}; {expected}")
     if uri.startswith("s3://"):
-        from orchestrator.env import split_s3_uri
-
         _, key = split_s3_uri(uri)
         if not key.strip("/"):
             raise ValueError(f"bad checkpoint URI {uri!r}; {expected}")
@@ -83,13 +83,14 @@ def load_generator(uri: str, device: str = "cpu") -> Loaded:
     """The generator behind any source ``ganforge sample`` accepts, with its resolved version and source run."""
     src = parse_source(uri)
     if src.kind == "registry":
-        from orchestrator.tracking.registry import load_model
+        from orchestrator.tracking.registry import load_model  # MLflow loads only for models:/ sources
 
         model, version = load_model(src)
         gen = model.unwrap_python_model().generator.to(device)
         job = ((model.metadata.metadata or {}).get("ganforge") or {}).get("config") or {}
-        return Loaded(gen, uri, f"models:/{version.name}/{version.version}", version.name, str(version.version),
-                      version.run_id or "", job.get("data", {}).get("dataset", ""))  # fmt: skip
+        resolved = f"models:/{version.name}/{version.version}"
+        dataset = job.get("data", {}).get("dataset", "")
+        return Loaded(gen, uri, resolved, version.name, str(version.version), version.run_id or "", dataset)
     gen, job = (
         Generator.with_job_from_s3(src.uri, device)
         if src.kind == "s3"
@@ -101,11 +102,18 @@ def load_generator(uri: str, device: str = "cpu") -> Loaded:
 # -- the `ganforge sample` command ------------------------------------------------------------------------------------
 
 
-def sample_grid(uri: str, out: str, *, n: int = 64, seed: int = 0, truncation: float | None = None,
-                class_: int | None = None, scale: int = 1, log=print) -> str:  # fmt: skip
+def sample_grid(
+    uri: str,
+    out: str,
+    *,
+    n: int = 64,
+    seed: int = 0,
+    truncation: float | None = None,
+    class_: int | None = None,
+    scale: int = 1,
+    log=print,
+) -> str:
     """Write an n-image grid from ``uri`` to ``out``; returns a description of the source."""
-    from orchestrator.tracking.images import image_grid
-
     src = parse_source(uri)
     if n < 1:
         raise ValueError(f"--n {n} not supported; valid: ≥ 1")
@@ -117,8 +125,8 @@ def sample_grid(uri: str, out: str, *, n: int = 64, seed: int = 0, truncation: f
         model, version = load_model(src)
         c_dim = model.unwrap_python_model().generator.c_dim
         labels = grid_labels(n, c_dim, grid_columns(n), class_)
-        rows = pd.DataFrame({"seed": np.full(n, seed, dtype=np.int64),
-                             "truncation": np.full(n, np.nan if truncation is None else truncation)})  # fmt: skip
+        truncations = np.full(n, np.nan if truncation is None else truncation)
+        rows = pd.DataFrame({"seed": np.full(n, seed, dtype=np.int64), "truncation": truncations})
         if labels is not None:
             rows["class"] = labels.numpy()
         images = torch.from_numpy(model.predict(rows))

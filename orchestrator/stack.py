@@ -187,8 +187,16 @@ class LocalStack:
         marked = {**(resources or {}), f"gf-{name}": 1}  # lets node_name() tell the nodes apart
         # `ray start --address` rewrites 127.0.0.1 to the eth0 address when joining; Ray's own cluster test
         # utilities start a Node object directly instead, which keeps every address on loopback.
-        cmd = [sys.executable, "-m", "orchestrator.stack", "node", name, self.ray_gcs_address, str(num_cpus),
-               json.dumps(marked)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "orchestrator.stack",
+            "node",
+            name,
+            self.ray_gcs_address,
+            str(num_cpus),
+            json.dumps(marked),
+        ]
         env = {**os.environ, **self.client_environ(), "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -24,8 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from botocore.exceptions import ClientError
 from torch import nn
 
+from orchestrator.data import s3
+from orchestrator.data.manifest import Manifest
 from orchestrator.metrics.features import FeatureExtractor, ImageBatch, register_extractor
 
 log = logging.getLogger(__name__)
@@ -56,11 +59,10 @@ class DomainClassifier(nn.Module):
         def block(i: int, o: int) -> list[nn.Module]:
             return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
-        self.body = nn.Sequential(
-            *block(3, w), nn.MaxPool2d(2),
-            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(4),
-        )  # fmt: skip
+        stage1 = [*block(3, w), nn.MaxPool2d(2)]
+        stage2 = [*block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2)]
+        stage3 = [*block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(4)]
+        self.body = nn.Sequential(*stage1, *stage2, *stage3)
         self.fc = nn.Linear(4 * w * 16, arch.feature_dim)
         self.drop = nn.Dropout(0.3)
         self.head = nn.Linear(arch.feature_dim, arch.num_classes)
@@ -84,8 +86,14 @@ class _Features(nn.Module):
 class ClassifierExtractor(FeatureExtractor):
     """The classifier's penultimate features as a ``FeatureExtractor`` (metric ``fd_classifier``), plus logits."""
 
-    def __init__(self, model: DomainClassifier, *, weights_id: str = "", device: str | torch.device = "auto",
-                 batch_size: int = 500) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: DomainClassifier,
+        *,
+        weights_id: str = "",
+        device: str | torch.device = "auto",
+        batch_size: int = 500,
+    ) -> None:
         super().__init__(_Features(model), name=NAME, device=device, batch_size=batch_size)
         self.model = self.network.model
         self.weights_id = weights_id  # part of the reference-stats cache key
@@ -162,8 +170,10 @@ def train_classifier(
 def accuracy(model: DomainClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
     model.eval()
     labels = torch.as_tensor(labels, dtype=torch.int64)
-    correct = sum(int((model(_to_input(images[i : i + batch_size])).argmax(1) == labels[i : i + batch_size]).sum())
-                  for i in range(0, len(images), batch_size))  # fmt: skip
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        predicted = model(_to_input(images[i : i + batch_size])).argmax(1)
+        correct += int((predicted == labels[i : i + batch_size]).sum())
     return correct / max(1, len(images))
 
 
@@ -173,8 +183,14 @@ def _progress(enabled: bool, total: int, what: str):
         return lambda done, text: None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    p = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                 TimeElapsedColumn(), transient=False)  # fmt: skip
+    columns = (
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    )
+    p = Progress(*columns, transient=False)
     task = p.add_task("", total=total)
     p.start()
 
@@ -190,17 +206,17 @@ def _progress(enabled: bool, total: int, what: str):
 # ------------------------------------------------------------------------------------------------------ storage
 def weights_key(dataset: str) -> tuple[str, str]:
     """(bucket, key) of the classifier stored beside ``dataset``."""
-    from orchestrator.env import split_s3_uri
-
-    bucket, prefix = split_s3_uri(dataset)
-    return bucket, f"{prefix.rstrip('/')}/{WEIGHTS_FILE}" if prefix else WEIGHTS_FILE
+    bucket, prefix = s3.split_prefix(dataset)
+    return bucket, prefix + WEIGHTS_FILE
 
 
 def to_bytes(model: DomainClassifier, manifest_hash: str, info: dict) -> bytes:
     buf = io.BytesIO()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    torch.save({"format": _FORMAT, "manifest_hash": manifest_hash, "arch": dataclasses.asdict(model.arch),
-                "state_dict": state, "info": info}, buf)  # fmt: skip
+    arch = dataclasses.asdict(model.arch)
+    torch.save(
+        {"format": _FORMAT, "manifest_hash": manifest_hash, "arch": arch, "state_dict": state, "info": info}, buf
+    )
     return buf.getvalue()
 
 
@@ -210,23 +226,21 @@ def from_bytes(data: bytes) -> tuple[DomainClassifier, dict]:
         raise ValueError(f"classifier weights format {blob.get('format')} != {_FORMAT}")
     model = DomainClassifier(Arch(**blob["arch"]))
     model.load_state_dict(blob["state_dict"])
-    return model.eval(), {**blob["info"], "manifest_hash": blob["manifest_hash"],
-                          "weights_id": hashlib.sha256(data).hexdigest()[:16]}  # fmt: skip
+    weights_id = hashlib.sha256(data).hexdigest()[:16]
+    return model.eval(), {**blob["info"], "manifest_hash": blob["manifest_hash"], "weights_id": weights_id}
 
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, str], tuple[DomainClassifier, dict]] = {}
 
 
-def stored(dataset: str, env=None, *, log=print) -> tuple[tuple[DomainClassifier, dict] | None, str]:
+def stored(
+    dataset: str, env=None, *, manifest: Manifest | None = None, log=print
+) -> tuple[tuple[DomainClassifier, dict] | None, str]:
     """(the classifier stored beside ``dataset`` for its current manifest, or None; that manifest's hash), from
-    this process's cache or S3. Unreadable weights, or weights of another version of the dataset, count as none."""
-    from botocore.exceptions import ClientError
-
-    from orchestrator.data import s3
-    from orchestrator.data.shards import manifest_hash
-
-    manifest_h = manifest_hash(s3.check_prefix(dataset, env))
+    this process's cache or S3. Unreadable weights, or weights of another version of the dataset, count as none.
+    ``manifest``: the dataset's, when the caller has read it already (it is fetched otherwise)."""
+    manifest_h = (manifest or s3.check_prefix(dataset, env)).hash
     with _lock:
         if (dataset, manifest_h) in _cache:
             return _cache[(dataset, manifest_h)], manifest_h
@@ -235,7 +249,7 @@ def stored(dataset: str, env=None, *, log=print) -> tuple[tuple[DomainClassifier
     try:
         found = from_bytes(s3.client(env).get_object(Bucket=bucket, Key=key)["Body"].read())
     except ClientError as e:
-        if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "NotFound"):
+        if not s3.is_missing(e):
             raise
     except (ValueError, RuntimeError, KeyError, EOFError) as e:
         log(f"domain classifier s3://{bucket}/{key} unreadable ({type(e).__name__}); retraining")
@@ -250,8 +264,6 @@ def stored(dataset: str, env=None, *, log=print) -> tuple[tuple[DomainClassifier
 
 def store(dataset: str, env, model: DomainClassifier, manifest_h: str, info: dict) -> tuple[DomainClassifier, dict]:
     """Write the classifier beside ``dataset`` in S3 (and this process's cache); returns it as ``stored`` would."""
-    from orchestrator.data import s3
-
     data = to_bytes(model, manifest_h, info)
     bucket, key = weights_key(dataset)
     s3.client(env).put_object(Bucket=bucket, Key=key, Body=data)
@@ -261,15 +273,22 @@ def store(dataset: str, env, model: DomainClassifier, manifest_h: str, info: dic
     return found
 
 
-def load_extractor(dataset: str, env=None, *, device: str | torch.device = "auto",
-                   batch_size: int = 500) -> ClassifierExtractor:  # fmt: skip
+def load_extractor(
+    dataset: str,
+    env=None,
+    *,
+    manifest: Manifest | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 500,
+) -> ClassifierExtractor:
     """The ``classifier`` feature extractor for ``dataset`` (registered with ``get_extractor``): the stored
     classifier; training it is ``ganforge classifier`` / ``orchestrator.train.domain_classifier.ensure_classifier``."""
-    found, _ = stored(dataset, env, log=log.info)
+    found, _ = stored(dataset, env, manifest=manifest, log=log.info)
     if found is None:
         bucket, key = weights_key(dataset)
-        raise FileNotFoundError(f"no domain classifier at s3://{bucket}/{key}; train it with "
-                                f"`ganforge classifier --dataset {dataset}`")  # fmt: skip
+        raise FileNotFoundError(
+            f"no domain classifier at s3://{bucket}/{key}; train it with `ganforge classifier --dataset {dataset}`"
+        )
     model, info = found
     return ClassifierExtractor(model, weights_id=info["weights_id"], device=device, batch_size=batch_size)
 

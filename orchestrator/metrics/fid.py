@@ -1,9 +1,10 @@
-"""Fréchet Inception Distance: mergeable float64 feature statistics, the distance, and a reference-stats cache.
+"""Fréchet Inception Distance: mergeable float64 feature statistics, the distance, and the reference-stats cache key.
 
 Policy: the value is called ``fid`` only when the features come from the standard Inception-v3 "2015-12-05" network.
 
 Distributed use: every rank runs ``stats_for_generator`` on its share of samples, then ``stats.all_reduce()`` sums
-the raw (n, Σx, Σxxᵀ) tensors, after which every rank holds the global statistics.
+the raw (n, Σx, Σxxᵀ) tensors, after which every rank holds the global statistics. The reference statistics are
+cached (``to_bytes``, under ``reference_key``) by ``orchestrator.train.evaluation.Evaluator.reference``.
 """
 
 from __future__ import annotations
@@ -11,36 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
-import os
-import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 
-from orchestrator.metrics.features import FeatureExtractor, ImageBatch, get_extractor, metric_name
-
-__all__ = [
-    "REQUIRED_KEY_PARTS",
-    "FeatureExtractor",
-    "FeatureStats",
-    "LocalDirStore",
-    "StatsStore",
-    "cached_reference_stats",
-    "fid_from_stats",
-    "frechet_distance",
-    "get_extractor",
-    "metric_name",
-    "reference_key",
-    "stats_for_generator",
-    "stats_for_images",
-]
-
-log = logging.getLogger(__name__)
+from orchestrator.metrics.features import FeatureExtractor, ImageBatch
 
 REQUIRED_KEY_PARTS = ("manifest", "network", "resolution", "n")
 _STATS_FORMAT = 1
@@ -190,31 +167,6 @@ def stats_for_generator(
     return stats_for_images(draws(), extractor)
 
 
-class StatsStore(Protocol):
-    def get(self, key: str) -> bytes | None: ...
-    def put(self, key: str, data: bytes) -> None: ...
-
-
-class LocalDirStore:
-    """A ``StatsStore`` on a local folder (tests, single machine); keys may contain '/'."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-
-    def get(self, key: str) -> bytes | None:
-        path = self.root / key
-        return path.read_bytes() if path.is_file() else None
-
-    def put(self, key: str, data: bytes) -> None:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename so a concurrent reader never sees a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-
-
 def reference_key(key_parts: Mapping[str, object], folder: str = "feature-stats") -> str:
     """Store key: a sha256 of the canonical JSON of ``key_parts``, which must name at least REQUIRED_KEY_PARTS.
 
@@ -225,25 +177,3 @@ def reference_key(key_parts: Mapping[str, object], folder: str = "feature-stats"
         raise ValueError(f"reference stats key lacks {missing}; need {list(REQUIRED_KEY_PARTS)}")
     blob = json.dumps(dict(key_parts), sort_keys=True, separators=(",", ":"), default=str)
     return f"{folder}/{hashlib.sha256(blob.encode()).hexdigest()}.npz"
-
-
-def cached_reference_stats(
-    key_parts: Mapping[str, object], compute: Callable[[], FeatureStats], store: StatsStore
-) -> FeatureStats:
-    """Reference statistics from ``store``, or ``compute()``-d once and put there.
-
-    ``key_parts`` = dataset manifest hash, network name, resolution, sample count (+ anything else that changes
-    the features); an unreadable stored entry is recomputed and overwritten.
-    """
-    key = reference_key(key_parts)
-    data = store.get(key)
-    if data is not None:
-        try:
-            return FeatureStats.from_bytes(data)
-        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
-            log.warning("reference stats %s unreadable (%s); recomputing", key, e)
-    stats = compute()
-    if isinstance(key_parts["n"], int) and stats.n != key_parts["n"]:
-        raise ValueError(f"compute() gave stats of {stats.n} images but the key says n={key_parts['n']}")
-    store.put(key, stats.to_bytes())
-    return stats

@@ -1,8 +1,8 @@
-"""Sample grids: a batch of generated images as one PNG people can look at."""
+"""Sample grids: a batch of generated images as one PNG people can look at, and which class each grid cell shows
+(row r: class r mod the class count, in training grids and in ``ganforge sample`` alike)."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -23,7 +23,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scal
     """Tile N images into a grid with ``pad`` pixels of grey between them; nearest-neighbour ``scale``-up."""
     arr = to_uint8(images)
     n, h, w, c = arr.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = nrow or grid_columns(n)
     ncol = math.ceil(n / nrow)
     grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 64, dtype=np.uint8)
     for i in range(n):
@@ -34,7 +34,20 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scal
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+def grid_columns(n: int) -> int:
+    """Images per grid row (``image_grid``'s default): a square-ish grid."""
+    return math.ceil(math.sqrt(n))
+
+
+def grid_labels(n: int, c_dim: int, nrow: int, class_: int | None = None) -> torch.Tensor | None:
+    """Class labels for a grid of ``n``: ``class_`` everywhere, or row r holds class r mod ``c_dim``; None when the
+    model is unconditional."""
+    if not c_dim:
+        if class_ is not None:
+            raise ValueError(f"class {class_} given but the model is unconditional")
+        return None
+    if class_ is not None:
+        if not 0 <= class_ < c_dim:
+            raise ValueError(f"class {class_} out of range; valid: 0..{c_dim - 1}")
+        return torch.full((n,), class_, dtype=torch.int64)
+    return (torch.arange(n) // nrow) % c_dim

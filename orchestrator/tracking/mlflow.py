@@ -3,6 +3,8 @@
 A synchronous ``log_metric`` against a dead server blocks for minutes while MLflow retries (DESIGN.md §8), so the
 training loop only ever enqueues. The thread sends in order, keeps what failed, backs off, and sends it again once
 the server answers: an outage costs no steps and loses no metrics (up to ``max_buffer`` items).
+
+Everything else that talks to MLflow gets its client from :func:`client` and looks runs up with :func:`find_run`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.env import Env
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "ganforge.run_name"
+NEWEST_FIRST = ["attributes.start_time DESC"]
 
 
 class TrackingError(RuntimeError):
     """MLflow is unreachable or refused a request; the message is one line."""
+
+
+class RegistryError(TrackingError):
+    """A run, experiment, model, alias or version that does not exist; the message is one line naming what does."""
 
 
 def _quiet_http() -> None:
@@ -63,30 +75,88 @@ class RunInfo:
         return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
 
-def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
-             parent_run_id: str | None = None) -> RunInfo:  # fmt: skip
+def client(tracking_uri: str | None = None, *, check: bool = True) -> MlflowClient:
+    """The one way to an ``MlflowClient``: runs and the model registry on ``tracking_uri`` (default: the environment's
+    MLflow). ``check`` fails fast, in one line, when the server does not answer; the training hot path passes False so
+    that an outage is buffered, and closing a failed run passes False so the original error is the one raised."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or Env.from_environ().mlflow_uri
+    if check:
+        check_server(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def is_missing(e: Exception) -> bool:
+    """Whether an MLflow error says the thing asked for does not exist."""
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def looks_like_run_id(ref: str) -> bool:
+    return len(ref) == 32 and all(ch in "0123456789abcdef" for ch in ref)
+
+
+def find_run(client: MlflowClient, name: str, experiment: str | None = None):
+    """The run ``name`` names: a run id, or a ganforge run name (``train.name``; the newest run of that name),
+    optionally only within ``experiment``. RegistryError, in one line, when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    where, exp_ids = "", None
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise RegistryError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or '(none)'}")
+        where, exp_ids = f" in experiment {experiment!r}", [exp.experiment_id]
+    if looks_like_run_id(name):
+        try:
+            run = client.get_run(name)
+        except MlflowException as e:
+            if not is_missing(e):
+                raise TrackingError(f"MLflow error reading run {name}: {str(e).splitlines()[0]}") from None
+        else:
+            if exp_ids is None or run.info.experiment_id in exp_ids:
+                return run
+    if exp_ids is None:
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, _name_filter(name), max_results=1, order_by=NEWEST_FIRST)
+    if not runs:
+        raise RegistryError(f"no MLflow run with id or name {name!r}{where}")
+    return runs[0]
+
+
+def _name_filter(run_name: str) -> str:
+    return f"tags.`{RUN_NAME_TAG}` = '{run_name}'"
+
+
+def open_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> RunInfo:
     """Create the run for ``run_name`` (or reopen it when a run of that name exists: a resumed training run)."""
     _quiet_http()
-    from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
-    check_server(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    exp_id = ensure_experiment(client, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    mlflow_client = client(tracking_uri)
+    exp_id = ensure_experiment(mlflow_client, experiment)
+    found = mlflow_client.search_runs([exp_id], filter_string=_name_filter(run_name), max_results=1)
     tags = {**tags, RUN_NAME_TAG: run_name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if found:
         run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "ganforge.resumed", "true")
+        mlflow_client.update_run(run_id, status="RUNNING")
+        mlflow_client.set_tag(run_id, "ganforge.resumed", "true")
     else:
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        run_id = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[i : i + 100])
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            mlflow_client.log_batch(run_id, params=items[i : i + 100])
+    mlflow_client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     return RunInfo(run_id, exp_id, tracking_uri)
 
 
@@ -106,9 +176,7 @@ def ensure_experiment(client, name: str) -> str:
 
 
 def close_run(info: RunInfo, status: str = "FINISHED") -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(info.tracking_uri).set_terminated(info.run_id, status=status)
+    client(info.tracking_uri, check=False).set_terminated(info.run_id, status=status)
 
 
 @contextlib.contextmanager
@@ -127,10 +195,8 @@ class BackgroundLogger:
 
     def __init__(self, run_id: str, tracking_uri: str, max_buffer: int = 100_000):
         _quiet_http()
-        from mlflow import MlflowClient
-
         self.run_id = run_id
-        self.client = MlflowClient(tracking_uri)
+        self.client = client(tracking_uri, check=False)
         self.max_buffer = max_buffer
         self.dropped = 0
         self.failures = 0

@@ -17,6 +17,7 @@ Loading needs only the installed package: ``mlflow.pyfunc.load_model("models:/bi
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import sys
@@ -28,16 +29,20 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
+from rich.console import Console
+from rich.table import Table
 
-from orchestrator.tracking.mlflow import RUN_NAME_TAG, TrackingError, check_server
+from orchestrator.generator import Generator, predict_rows
+from orchestrator.tracking.mlflow import RUN_NAME_TAG, RegistryError, TrackingError, client, find_run, is_missing
+from orchestrator.train import checkpoint as ckpt
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_PATH = "generator"  # run artifact folder of the pyfunc model (generator-2, -3 … on re-registration)
 FID_TAG, FID_METRIC_TAG, MANIFEST_TAG = "fid", "fid_metric", "dataset.manifest_hash"
-
-
-class RegistryError(TrackingError):
-    """A model, alias, version or run that does not exist; the message is one line naming what does."""
 
 
 # -- pure rules ------------------------------------------------------------------------------------------------------
@@ -78,13 +83,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     consecutive latents of that seed, so ``n`` rows of seed s reproduce ``ganforge sample … --n n --seed s``."""
 
     def load_context(self, context):
-        from orchestrator.generator import Generator
-
         self.generator = Generator.from_files(context.artifacts["weights"], context.artifacts["config"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from orchestrator.generator import predict_rows
-
         return predict_rows(self.generator, model_input)
 
 
@@ -106,48 +107,27 @@ def example(c_dim: int) -> pd.DataFrame:
 
 
 def signature(c_dim: int, image_shape: tuple[int, ...]):
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    inputs = Schema([ColSpec("long", "seed"), ColSpec("long", "class", required=bool(c_dim)),
-                     ColSpec("double", "truncation", required=False)])  # fmt: skip
+    inputs = Schema(
+        [
+            ColSpec("long", "seed"),
+            ColSpec("long", "class", required=bool(c_dim)),
+            ColSpec("double", "truncation", required=False),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]))
 
 
 def _requirements() -> list[str]:
-    import importlib.metadata as md
-
     reqs = []
     for pkg in ("ganforge", "torch", "mlflow", "pandas"):
         try:
-            reqs.append(f"{pkg}=={md.version(pkg)}")
-        except md.PackageNotFoundError:
+            reqs.append(f"{pkg}=={importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
             reqs.append(pkg)
     return reqs
 
 
 # -- client helpers --------------------------------------------------------------------------------------------------
-
-
-def client(tracking_uri: str | None = None):
-    from mlflow import MlflowClient
-
-    from orchestrator.env import Env
-
-    uri = tracking_uri or Env.from_environ().mlflow_uri
-    check_server(uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri, registry_uri=uri)
-
-
-def _missing(e: Exception) -> bool:
-    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
-
-
-def _mlflow_errors() -> tuple[type[Exception], ...]:
-    from mlflow.exceptions import MlflowException
-
-    return (MlflowException,)
 
 
 def registered_names(c) -> list[str]:
@@ -169,8 +149,8 @@ def versions(c, name: str) -> list:
 def get_model(c, name: str):
     try:
         return c.get_registered_model(name)
-    except _mlflow_errors() as e:
-        if _missing(e):
+    except MlflowException as e:
+        if is_missing(e):
             names = registered_names(c)
             raise RegistryError(f"no registered model {name!r}; registered: {', '.join(names) or '(none)'}") from None
         raise TrackingError(f"MLflow registry error for {name!r}: {str(e).splitlines()[0]}") from None
@@ -183,8 +163,8 @@ def resolve(c, source) -> Any:
     aliases = dict(rm.aliases or {})
     if source.alias:
         if source.alias not in aliases:
-            raise RegistryError(f"model {source.name!r} has no alias {source.alias!r}; aliases: "
-                                f"{', '.join(sorted(aliases)) or '(none)'}")  # fmt: skip
+            listed = ", ".join(sorted(aliases)) or "(none)"
+            raise RegistryError(f"model {source.name!r} has no alias {source.alias!r}; aliases: {listed}")
         return c.get_model_version(source.name, aliases[source.alias])
     all_versions = versions(c, source.name)
     if source.version == "latest" and all_versions:
@@ -200,29 +180,14 @@ def load_model(source, tracking_uri: str | None = None):
     """(pyfunc model, ModelVersion) for a parsed ``models:/`` source, via ``mlflow.pyfunc.load_model``."""
     c = client(tracking_uri)
     version = resolve(c, source)
+    mlflow.set_tracking_uri(c.tracking_uri)  # pyfunc.load_model resolves models:/ through the global registry URI
     try:
         model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-    except _mlflow_errors() as e:
+    except MlflowException as e:
         raise TrackingError(f"cannot load models:/{version.name}/{version.version}: {str(e).splitlines()[0]}") from None
     if not isinstance(model.unwrap_python_model(), GeneratorModel):
         raise RegistryError(f"models:/{version.name}/{version.version} is not a ganforge generator model")
     return model, version
-
-
-def find_run(c, ref: str):
-    """A run by id, or by its ganforge run name (``train.name``); the newest when several share the name."""
-    if len(ref) == 32 and all(ch in "0123456789abcdef" for ch in ref):
-        try:
-            return c.get_run(ref)
-        except _mlflow_errors() as e:
-            if not _missing(e):
-                raise TrackingError(f"MLflow error reading run {ref}: {str(e).splitlines()[0]}") from None
-    ids = [e.experiment_id for e in c.search_experiments()]
-    newest = ["attributes.start_time DESC"]
-    runs = c.search_runs(ids, f"tags.`{RUN_NAME_TAG}` = '{ref}'", max_results=1, order_by=newest)
-    if not runs:
-        raise RegistryError(f"no MLflow run with id or name {ref!r}")
-    return runs[0]
 
 
 # -- registration ----------------------------------------------------------------------------------------------------
@@ -242,15 +207,15 @@ class Registered:
 
 
 def _download_checkpoint(c, run_id: str, directory: str) -> str:
-    from orchestrator.train import checkpoint as ckpt
-
     paths = []
     for name in (ckpt.META, ckpt.STATE):  # not the rank-<r>.pt files: only G_ema and the config are needed
         try:
             paths.append(Path(c.download_artifacts(run_id, f"checkpoint/{name}", directory)))
         except Exception as e:  # MLflow raises different types for a missing artifact per store
-            raise RegistryError(f"run {run_id} has no checkpoint/{name} artifact ({type(e).__name__}); only runs "
-                                "finished by ganforge can be registered") from None  # fmt: skip
+            raise RegistryError(
+                f"run {run_id} has no checkpoint/{name} artifact ({type(e).__name__}); only runs finished by "
+                "ganforge can be registered"
+            ) from None
     assert paths[0].parent == paths[1].parent, paths
     return str(paths[0].parent)
 
@@ -264,72 +229,123 @@ def _free_artifact_path(c, run_id: str) -> str:
     return path
 
 
-def register_run(run_ref: str, *, model_name: str | None = None, tracking_uri: str | None = None,
-                 checkpoint_dir: str | None = None, log=print) -> Registered:  # fmt: skip
+@dataclasses.dataclass
+class _Source:
+    """What a registered version records about the run it comes from."""
+
+    run_id: str
+    run_name: str
+    artifact_uri: str
+    job: dict[str, Any]  # the resolved job config the checkpoint was trained with
+    meta: ckpt.Meta
+    manifest_hash: str
+    fid: tuple[str, float] | None  # (metric name, value), see pick_fid
+
+    @property
+    def fid_text(self) -> str:
+        return f"{self.fid[0]} {self.fid[1]:.3f}" if self.fid else "no FID"
+
+    def metadata(self) -> dict[str, Any]:
+        """The MLmodel ``metadata`` of the version, JSON-ready."""
+        meta = {
+            "model_name": self.job["model_name"],
+            "config": self.job,
+            "dataset_manifest_hash": self.manifest_hash,
+            "fid": self.fid[1] if self.fid else None,
+            "fid_metric": self.fid[0] if self.fid else None,
+            "source_run_id": self.run_id,
+            "source_run_name": self.run_name,
+            "step": self.meta.step,
+            "kimg": self.meta.kimg,
+            "git_sha": self.meta.git_sha,
+        }
+        return json.loads(json.dumps({"ganforge": meta}, default=str))
+
+    def tags(self) -> dict[str, str]:
+        tags = {
+            "model": self.job["model_name"],
+            MANIFEST_TAG: self.manifest_hash,
+            "source_run_name": self.run_name,
+            "step": str(self.meta.step),
+        }
+        if self.fid:
+            tags.update({FID_TAG: repr(self.fid[1]), FID_METRIC_TAG: self.fid[0]})
+        return tags
+
+
+def _save_model(gen: Generator, src: _Source, directory: Path) -> Path:
+    """The pyfunc model folder of ``gen`` (weights, architecture, models-from-code entry point) in ``directory``."""
+    probe_c = torch.zeros(1, dtype=torch.int64) if gen.c_dim else None
+    probe = gen.sample(gen.latents(1, torch.Generator().manual_seed(0)), probe_c)
+    files, model_dir = directory / "files", directory / "model"
+    files.mkdir()
+    torch.save(gen.G_ema.state_dict(), files / "weights.pt")
+    (files / "model.json").write_text(json.dumps(gen.model_config(), indent=2, default=str))
+    code = files / "generator_model.py"
+    code.write_text(MODEL_CODE)
+    mlflow.pyfunc.save_model(
+        path=str(model_dir),
+        python_model=str(code),  # models from code: no pickled objects in the registry
+        artifacts={"weights": str(files / "weights.pt"), "config": str(files / "model.json")},
+        signature=signature(gen.c_dim, tuple(probe.shape[1:])),
+        input_example=example(gen.c_dim),
+        pip_requirements=_requirements(),
+        metadata=src.metadata(),
+    )
+    return model_dir
+
+
+def _create_version(c, name: str, src: _Source, artifact_path: str):
+    try:
+        c.create_registered_model(name, description="G_ema generators trained by ganforge")
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise TrackingError(f"cannot create registered model {name!r}: {str(e).splitlines()[0]}") from None
+    description = (
+        f"G_ema of run {src.run_name} ({src.run_id}) at step {src.meta.step}; {src.fid_text}; "
+        f"dataset {src.manifest_hash[:12] or '?'}"
+    )
+    source = f"{src.artifact_uri.rstrip('/')}/{artifact_path}"
+    return c.create_model_version(name, source=source, run_id=src.run_id, tags=src.tags(), description=description)
+
+
+def register_run(
+    run_ref: str,
+    *,
+    model_name: str | None = None,
+    tracking_uri: str | None = None,
+    checkpoint_dir: str | None = None,
+    log=print,
+) -> Registered:
     """Register the G_ema of a finished run (id or name) as a new version of ``model_name`` (default: the run's
     ``tracking.model_name``, else its model kind), then move the aliases. ``checkpoint_dir`` skips downloading the
     run's ``checkpoint/`` artifacts when a local copy exists."""
-    import torch
-
-    from orchestrator.generator import Generator
-    from orchestrator.train import checkpoint as ckpt
-
     c = client(tracking_uri)
     run = find_run(c, run_ref)
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory(prefix="gf-register-") as tmp:
         ckpt_dir = checkpoint_dir or _download_checkpoint(c, run_id, tmp)
-        shared, meta = ckpt.load_shared(ckpt_dir), ckpt.load_meta(ckpt_dir)
-        job = shared["config"]
-        name = model_name or job.get("tracking", {}).get("model_name") or job["model_name"]
-        gen = Generator(job["model_name"], job["model"], shared["recipe"]["G_ema"])
-        probe = gen.sample(gen.latents(1, torch.Generator().manual_seed(0)),
-                           torch.zeros(1, dtype=torch.int64) if gen.c_dim else None)  # fmt: skip
-
-        files = Path(tmp) / "files"
-        files.mkdir()
-        torch.save(gen.G_ema.state_dict(), files / "weights.pt")
-        (files / "model.json").write_text(json.dumps(gen.model_config(), indent=2, default=str))
-        fid = pick_fid(run.data.metrics)
-        manifest_hash = run.data.tags.get(MANIFEST_TAG) or meta.get("manifest_hash") or ""
-        run_name = run.data.tags.get(RUN_NAME_TAG, run.info.run_name or "")
-        metadata = {"ganforge": {
-            "model_name": job["model_name"], "config": job, "dataset_manifest_hash": manifest_hash,
-            "fid": fid[1] if fid else None, "fid_metric": fid[0] if fid else None, "source_run_id": run_id,
-            "source_run_name": run_name, "step": meta.get("step"), "kimg": meta.get("kimg"),
-            "git_sha": meta.get("git_sha"),
-        }}  # fmt: skip
-        model_dir, code = Path(tmp) / "model", files / "generator_model.py"
-        code.write_text(MODEL_CODE)
-        mlflow.pyfunc.save_model(
-            path=str(model_dir),
-            python_model=str(code),  # models from code: no pickled objects in the registry
-            artifacts={"weights": str(files / "weights.pt"), "config": str(files / "model.json")},
-            signature=signature(gen.c_dim, tuple(probe.shape[1:])),
-            input_example=example(gen.c_dim),
-            pip_requirements=_requirements(),
-            metadata=json.loads(json.dumps(metadata, default=str)),
+        gen, job = Generator.with_job_from_checkpoint(ckpt_dir)
+        meta = ckpt.load_meta(ckpt_dir)
+        src = _Source(
+            run_id=run_id,
+            run_name=run.data.tags.get(RUN_NAME_TAG, run.info.run_name or ""),
+            artifact_uri=run.info.artifact_uri,
+            job=job,
+            meta=meta,
+            manifest_hash=run.data.tags.get(MANIFEST_TAG) or meta.manifest_hash or "",
+            fid=pick_fid(run.data.metrics),
         )
+        model_dir = _save_model(gen, src, Path(tmp))
         artifact_path = _free_artifact_path(c, run_id)
         c.log_artifacts(run_id, str(model_dir), artifact_path)
 
-    tags = {"model": job["model_name"], MANIFEST_TAG: manifest_hash, "source_run_name": run_name,
-            "step": str(meta.get("step", ""))}  # fmt: skip
-    if fid:
-        tags.update({FID_TAG: repr(fid[1]), FID_METRIC_TAG: fid[0]})
-    try:
-        c.create_registered_model(name, description="G_ema generators trained by ganforge")
-    except _mlflow_errors() as e:
-        if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-            raise TrackingError(f"cannot create registered model {name!r}: {str(e).splitlines()[0]}") from None
-    description = (f"G_ema of run {run_name} ({run_id}) at step {meta.get('step')}; "
-                   f"{f'{fid[0]} {fid[1]:.3f}' if fid else 'no FID'}; dataset {manifest_hash[:12] or '?'}")  # fmt: skip
-    mv = c.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}", run_id=run_id,
-                                tags=tags, description=description)  # fmt: skip
-    aliases = promote(c, name, mv.version, fid[1] if fid else None)
-    out = Registered(name, mv.version, run_id, fid[1] if fid else None, aliases)
-    log(f"registered       {out.uri}  aliases: {', '.join(aliases) or '-'}  "
-        f"{f'{fid[0]} {fid[1]:.3f}' if fid else '(no FID)'}")  # fmt: skip
+    name = model_name or job.get("tracking", {}).get("model_name") or job["model_name"]
+    mv = _create_version(c, name, src, artifact_path)
+    fid = src.fid[1] if src.fid else None
+    aliases = promote(c, name, mv.version, fid)
+    out = Registered(name, mv.version, run_id, fid, aliases)
+    log(f"registered       {out.uri}  aliases: {', '.join(aliases) or '-'}  {src.fid_text if src.fid else '(no FID)'}")
     return out
 
 
@@ -361,15 +377,11 @@ def _fid_text(v) -> str:
 
 
 def _console():
-    from rich.console import Console
-
     return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def list_models(tracking_uri: str | None = None) -> int:
     """`ganforge models list`: every registered model with its version count, champion and challenger."""
-    from rich.table import Table
-
     c = client(tracking_uri)
     names = registered_names(c)
     if not names:
@@ -383,17 +395,21 @@ def list_models(tracking_uri: str | None = None) -> int:
         vs = versions(c, name)
         aliases = dict(rm.aliases or {})
         champ = next((v for v in vs if v.version == aliases.get(CHAMPION)), None)
-        table.add_row(name, str(len(vs)), vs[0].version if vs else "-", aliases.get(CHAMPION, "-"),
-                      _fid_text(champ) if champ else "-", aliases.get(CHALLENGER, "-"),
-                      _when(rm.last_updated_timestamp))  # fmt: skip
+        table.add_row(
+            name,
+            str(len(vs)),
+            vs[0].version if vs else "-",
+            aliases.get(CHAMPION, "-"),
+            _fid_text(champ) if champ else "-",
+            aliases.get(CHALLENGER, "-"),
+            _when(rm.last_updated_timestamp),
+        )
     _console().print(table)
     return 0
 
 
 def show_model(name: str, tracking_uri: str | None = None) -> int:
     """`ganforge models show NAME`: its versions with aliases, FID, dataset hash and source runs."""
-    from rich.table import Table
-
     c = client(tracking_uri)
     rm = get_model(c, name)
     by_version: dict[str, list[str]] = {}
@@ -403,8 +419,15 @@ def show_model(name: str, tracking_uri: str | None = None) -> int:
     for col in ("version", "aliases", "FID", "dataset", "source run", "run id", "step", "created"):
         table.add_column(col)
     for v in versions(c, name):
-        table.add_row(v.version, ", ".join(sorted(by_version.get(v.version, []))) or "-", _fid_text(v),
-                      v.tags.get(MANIFEST_TAG, "")[:12], v.tags.get("source_run_name", ""), v.run_id or "",
-                      v.tags.get("step", ""), _when(v.creation_timestamp))  # fmt: skip
+        table.add_row(
+            v.version,
+            ", ".join(sorted(by_version.get(v.version, []))) or "-",
+            _fid_text(v),
+            v.tags.get(MANIFEST_TAG, "")[:12],
+            v.tags.get("source_run_name", ""),
+            v.run_id or "",
+            v.tags.get("step", ""),
+            _when(v.creation_timestamp),
+        )
     _console().print(table)
     return 0

@@ -24,8 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["trial_id", "lr", "d_lr_ratio", "batch_size", "stopped_kimg", "early_stopped", "best_metric",
-           "best_at_kimg", "final_metric", "evaluations", "wall_s", "cpu_s", "num_workers", "status"]  # fmt: skip
+COLUMNS = [
+    "trial_id",
+    "lr",
+    "d_lr_ratio",
+    "batch_size",
+    "stopped_kimg",
+    "early_stopped",
+    "best_metric",
+    "best_at_kimg",
+    "final_metric",
+    "evaluations",
+    "wall_s",
+    "cpu_s",
+    "num_workers",
+    "status",
+]
 
 
 @dataclass
@@ -62,16 +76,30 @@ class TrialRecord:
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"lr": self.lr, "d_lr": self.lr * self.d_lr_ratio, "d_lr_ratio": self.d_lr_ratio,
-                "batch_size": self.batch_size}  # fmt: skip
+        return {
+            "lr": self.lr,
+            "d_lr": self.lr * self.d_lr_ratio,
+            "d_lr_ratio": self.d_lr_ratio,
+            "batch_size": self.batch_size,
+        }
 
     def row(self) -> dict[str, Any]:
-        return {"trial_id": self.trial_id, "lr": self.lr, "d_lr_ratio": self.d_lr_ratio, "batch_size": self.batch_size,
-                "stopped_kimg": round(self.stopped_kimg, 3), "early_stopped": self.early_stopped,
-                "best_metric": _r(self.best_metric), "best_at_kimg": _r(self.best_at_kimg),
-                "final_metric": _r(self.final_metric), "evaluations": len(self.history),
-                "wall_s": round(self.wall_s, 1), "cpu_s": round(self.cpu_s, 1), "num_workers": self.num_workers,
-                "status": self.status}  # fmt: skip
+        return {
+            "trial_id": self.trial_id,
+            "lr": self.lr,
+            "d_lr_ratio": self.d_lr_ratio,
+            "batch_size": self.batch_size,
+            "stopped_kimg": round(self.stopped_kimg, 3),
+            "early_stopped": self.early_stopped,
+            "best_metric": _r(self.best_metric),
+            "best_at_kimg": _r(self.best_at_kimg),
+            "final_metric": _r(self.final_metric),
+            "evaluations": len(self.history),
+            "wall_s": round(self.wall_s, 1),
+            "cpu_s": round(self.cpu_s, 1),
+            "num_workers": self.num_workers,
+            "status": self.status,
+        }
 
 
 def _r(x: float) -> float:
@@ -95,13 +123,21 @@ def records_from_results(grid, sweep) -> list[TrialRecord]:
                 rows = df[df[score].apply(lambda v: v is not None and math.isfinite(float(v)))]
                 history = [(float(k), float(v)) for k, v in zip(rows["progress/kimg"], rows[score])]
         trial_id = str((result.metrics or {}).get("trial_id") or Path(str(result.path)).name)
-        records.append(TrialRecord(
-            trial_id=trial_id, lr=float(cfg.get("lr", math.nan)), d_lr_ratio=float(cfg.get("d_lr_ratio", 1.0)),
-            batch_size=int(cfg.get("batch_size", 0)), stopped_kimg=kimg, history=history, wall_s=wall,
-            num_workers=sweep.num_workers, cpus_per_worker=sweep.cpus_per_worker,
-            early_stopped=kimg < sweep.max_kimg - 1e-9 and result.error is None,
-            status="ERROR" if result.error is not None else "TERMINATED",
-        ))  # fmt: skip
+        records.append(
+            TrialRecord(
+                trial_id=trial_id,
+                lr=float(cfg.get("lr", math.nan)),
+                d_lr_ratio=float(cfg.get("d_lr_ratio", 1.0)),
+                batch_size=int(cfg.get("batch_size", 0)),
+                stopped_kimg=kimg,
+                history=history,
+                wall_s=wall,
+                num_workers=sweep.num_workers,
+                cpus_per_worker=sweep.cpus_per_worker,
+                early_stopped=kimg < sweep.max_kimg - 1e-9 and result.error is None,
+                status="ERROR" if result.error is not None else "TERMINATED",
+            )
+        )
     return sorted(records, key=lambda r: (r.lr, r.batch_size, r.d_lr_ratio, r.trial_id))
 
 
@@ -111,12 +147,17 @@ def compute_summary(records: list[TrialRecord], max_kimg: float) -> dict[str, An
     full = len(records) * max_kimg
     full_cpu = sum(r.cpu_s * max_kimg / r.stopped_kimg for r in records if r.stopped_kimg > 0)
     cpu = sum(r.cpu_s for r in records)
-    return {"trials": len(records), "early_stopped": sum(r.early_stopped for r in records),
-            "kimg": round(kimg, 3), "full_grid_kimg": round(full, 3),
-            "saving_x": round(full / kimg, 3) if kimg else math.inf,
-            "worker_kimg": round(sum(r.stopped_kimg * r.num_workers for r in records), 3),
-            "cpu_s": round(cpu, 1), "full_grid_cpu_s": round(full_cpu, 1),
-            "cpu_saving_x": round(full_cpu / cpu, 3) if cpu else math.inf}  # fmt: skip
+    return {
+        "trials": len(records),
+        "early_stopped": sum(r.early_stopped for r in records),
+        "kimg": round(kimg, 3),
+        "full_grid_kimg": round(full, 3),
+        "saving_x": round(full / kimg, 3) if kimg else math.inf,
+        "worker_kimg": round(sum(r.stopped_kimg * r.num_workers for r in records), 3),
+        "cpu_s": round(cpu, 1),
+        "full_grid_cpu_s": round(full_cpu, 1),
+        "cpu_saving_x": round(full_cpu / cpu, 3) if cpu else math.inf,
+    }
 
 
 def recommend(records: list[TrialRecord]) -> dict[str, Any]:
@@ -125,8 +166,13 @@ def recommend(records: list[TrialRecord]) -> dict[str, Any]:
     if not ok:
         return {"trial_id": None, "config": None, "best_metric": math.inf}
     best = min(ok, key=lambda r: (r.best_metric, r.best_at_kimg, r.trial_id))
-    return {"trial_id": best.trial_id, "config": best.config, "best_metric": best.best_metric,
-            "best_at_kimg": best.best_at_kimg, "stopped_kimg": best.stopped_kimg}  # fmt: skip
+    return {
+        "trial_id": best.trial_id,
+        "config": best.config,
+        "best_metric": best.best_metric,
+        "best_at_kimg": best.best_at_kimg,
+        "stopped_kimg": best.stopped_kimg,
+    }
 
 
 def markdown_table(records: list[TrialRecord]) -> str:
@@ -145,15 +191,18 @@ def _fmt(v: Any) -> str:
 
 def summary_text(summary: dict) -> str:
     c, rec = summary["compute"], summary["recommended"]
-    return (f"sweep: {c['trials']} trials, {c['early_stopped']} stopped early; {c['kimg']:.1f} kimg trained vs "
-            f"{c['full_grid_kimg']:.1f} for the full grid ({c['saving_x']:.2f}× less); {c['cpu_s']:.0f} CPU-s\n"
-            f"recommended: {rec['config']}  best {summary['metric']} {rec['best_metric']:.4g} "
-            f"(trial {rec['trial_id']})\nreport: {summary['report_dir']}")  # fmt: skip
+    return (
+        f"sweep: {c['trials']} trials, {c['early_stopped']} stopped early; {c['kimg']:.1f} kimg trained vs "
+        f"{c['full_grid_kimg']:.1f} for the full grid ({c['saving_x']:.2f}× less); {c['cpu_s']:.0f} CPU-s\n"
+        f"recommended: {rec['config']}  best {summary['metric']} {rec['best_metric']:.4g} "
+        f"(trial {rec['trial_id']})\nreport: {summary['report_dir']}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ files
-def write_report(records: list[TrialRecord], out: str | Path, *, metric: str, max_kimg: float,
-                 wall_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+def write_report(
+    records: list[TrialRecord], out: str | Path, *, metric: str, max_kimg: float, wall_s: float | None = None
+) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "trials.csv", "w", newline="") as f:
@@ -165,9 +214,15 @@ def write_report(records: list[TrialRecord], out: str | Path, *, metric: str, ma
     (out / "trials.md").write_text(table)
     heatmap(records, out / "heatmap.png", metric)
     curves(records, out / "curves.png", metric, max_kimg)
-    summary = {"metric": metric, "max_kimg": max_kimg, "report_dir": str(out), "wall_s": wall_s,
-               "compute": compute_summary(records, max_kimg), "recommended": recommend(records),
-               "trials": [{**r.row(), "history": r.history} for r in records]}  # fmt: skip
+    summary = {
+        "metric": metric,
+        "max_kimg": max_kimg,
+        "report_dir": str(out),
+        "wall_s": wall_s,
+        "compute": compute_summary(records, max_kimg),
+        "recommended": recommend(records),
+        "trials": [{**r.row(), "history": r.history} for r in records],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     c, rec = summary["compute"], summary["recommended"]
     (out / "report.md").write_text(
@@ -178,7 +233,7 @@ def write_report(records: list[TrialRecord], out: str | Path, *, metric: str, ma
         f"- CPU-seconds: {c['cpu_s']} (full grid, extrapolated: {c['full_grid_cpu_s']}; {c['cpu_saving_x']}× less)\n\n"
         f"## Recommended\n\n`{rec['config']}` — best {metric} {rec['best_metric']} at {rec.get('best_at_kimg')} kimg "
         f"(trial {rec['trial_id']})\n"
-    )  # fmt: skip
+    )
     return summary
 
 
@@ -209,8 +264,15 @@ def heatmap(records: list[TrialRecord], path: str | Path, metric: str) -> None:
     for i in range(len(batches)):
         for j in range(len(lrs)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3g}\n@{stopped[i, j]:.3g} kimg", ha="center", va="center", fontsize=8,
-                        color="w" if grid[i, j] > np.nanmean(grid) else "k")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.3g}\n@{stopped[i, j]:.3g} kimg",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="w" if grid[i, j] > np.nanmean(grid) else "k",
+                )
     ax.set_xticks(range(len(lrs)), [f"{v:.2g}" for v in lrs])
     ax.set_yticks(range(len(batches)), [str(b) for b in batches])
     ax.set_xlabel("learning rate (G)")

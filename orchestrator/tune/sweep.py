@@ -22,15 +22,17 @@ import dataclasses
 import logging
 import math
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from orchestrator.config import ConfigError, JobConfig, _check, _coerce, build_config, default_config
+from orchestrator.config import JobConfig, build_config, default_config
+from orchestrator.data.manifest import Manifest
 from orchestrator.env import Env
+from orchestrator.tracking import mlflow as tracking
+from orchestrator.train.trainer import connect_ray, fit, git_sha, preflight, storage
+from orchestrator.tune import report
+from orchestrator.typed import ConfigError, build, check, field_types, load_yaml, parse_value, split_override
 
 MIB = 1 << 20
 
@@ -62,24 +64,24 @@ class SweepConfig:
     output_dir: str = "outputs"
 
     def __post_init__(self):
-        _check(self.search in ("grid", "random"), "sweep.search", self.search, "grid or random")
-        _check(self.scheduler in ("asha", "none"), "sweep.scheduler", self.scheduler, "asha or none")
-        _check(bool(self.lrs) and all(v > 0 for v in self.lrs), "sweep.lrs", self.lrs, "learning rates > 0")
-        _check(bool(self.d_lr_ratios) and all(v > 0 for v in self.d_lr_ratios), "sweep.d_lr_ratios",
-               self.d_lr_ratios, "ratios > 0")  # fmt: skip
-        _check(bool(self.batch_sizes) and all(v >= 1 for v in self.batch_sizes), "sweep.batch_sizes",
-               self.batch_sizes, "integers ≥ 1")  # fmt: skip
-        _check(self.num_samples >= 1, "sweep.num_samples", self.num_samples, "an integer ≥ 1")
-        _check(self.max_kimg > 0, "sweep.max_kimg", self.max_kimg, "a number > 0")
-        _check(self.metric_kimg > 0, "sweep.metric_kimg", self.metric_kimg, "a number > 0 (ASHA needs the metric)")
-        _check(self.reduction_factor > 1, "sweep.reduction_factor", self.reduction_factor, "a number > 1")
-        _check(self.num_workers >= 1, "sweep.num_workers", self.num_workers, "an integer ≥ 1")
-        _check(self.cpus_per_worker > 0, "sweep.cpus_per_worker", self.cpus_per_worker, "a number > 0")
-        _check(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", self.max_concurrent_trials,
-               "an integer ≥ 0 (0 = fit the cluster)")  # fmt: skip
+        check(self.search in ("grid", "random"), "sweep.search", self.search, "grid or random")
+        check(self.scheduler in ("asha", "none"), "sweep.scheduler", self.scheduler, "asha or none")
+        check(bool(self.lrs) and all(v > 0 for v in self.lrs), "sweep.lrs", self.lrs, "learning rates > 0")
+        ratios_ok = bool(self.d_lr_ratios) and all(v > 0 for v in self.d_lr_ratios)
+        check(ratios_ok, "sweep.d_lr_ratios", self.d_lr_ratios, "ratios > 0")
+        batches_ok = bool(self.batch_sizes) and all(v >= 1 for v in self.batch_sizes)
+        check(batches_ok, "sweep.batch_sizes", self.batch_sizes, "integers ≥ 1")
+        check(self.num_samples >= 1, "sweep.num_samples", self.num_samples, "an integer ≥ 1")
+        check(self.max_kimg > 0, "sweep.max_kimg", self.max_kimg, "a number > 0")
+        check(self.metric_kimg > 0, "sweep.metric_kimg", self.metric_kimg, "a number > 0 (ASHA needs the metric)")
+        check(self.reduction_factor > 1, "sweep.reduction_factor", self.reduction_factor, "a number > 1")
+        check(self.num_workers >= 1, "sweep.num_workers", self.num_workers, "an integer ≥ 1")
+        check(self.cpus_per_worker > 0, "sweep.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        concurrent = "an integer ≥ 0 (0 = fit the cluster)"
+        check(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", self.max_concurrent_trials, concurrent)
         ratio = self.grace_kimg / self.metric_kimg
         valid = f"a positive multiple of sweep.metric_kimg={self.metric_kimg}, so every rung has a fresh metric"
-        _check(self.grace_kimg > 0 and abs(ratio - round(ratio)) < 1e-6, "sweep.grace_kimg", self.grace_kimg, valid)
+        check(self.grace_kimg > 0 and abs(ratio - round(ratio)) < 1e-6, "sweep.grace_kimg", self.grace_kimg, valid)
 
     @property
     def trials(self) -> int:
@@ -97,29 +99,18 @@ def load_sweep_config(path: str | None = None, overrides: list[str] = ()) -> Swe
     ``sweep.*`` set the sweep, anything else is an override of the base job."""
     values: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"sweep config {str(p)!r} not found")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(path, "sweep config")
         values.update(data.get("sweep", data) if isinstance(data, dict) else {})
     job_overrides = list(values.pop("overrides", []) or [])
+    types_ = field_types(SweepConfig)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. sweep.lrs=1e-4,1e-3 or train.tick_steps=5)")
-        key, value = item.split("=", 1)
-        if key.startswith("sweep."):
-            values[key[len("sweep.") :]] = value if "," in value or not value else yaml.safe_load(value)
-        else:
+        key, value = split_override(item, "sweep.lrs=1e-4,1e-3 or train.tick_steps=5")
+        name = key.removeprefix("sweep.")
+        if name == key:
             job_overrides.append(item)
-    hints = typing.get_type_hints(SweepConfig)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown sweep key sweep.{unknown[0]}; valid: {', '.join(sorted(hints))}")
-    typed = {k: _coerce(v, hints[k], f"sweep.{k}") for k, v in values.items()}
-    try:
-        return SweepConfig(**typed, overrides=job_overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        else:
+            values[name] = parse_value(value, types_.get(name, Any))
+    return build(SweepConfig, {**values, "overrides": job_overrides}, "sweep", kind="sweep")
 
 
 # ------------------------------------------------------------------------------------------------------ trials
@@ -138,10 +129,19 @@ def trial_job(base: dict, sweep: SweepConfig, params: dict, trial_name: str, sto
     d = cfg.to_dict()
     d["hparams"].update(g_lr=lr, d_lr=lr * ratio)
     d["data"].update(batch_size=batch)
-    d["train"].update(name=trial_name, steps=steps, tick_steps=tick, num_workers=sweep.num_workers,
-                      cpus_per_worker=sweep.cpus_per_worker, storage_path=storage_path, metric=sweep.metric,
-                      metric_kimg=sweep.metric_kimg, metric_n=sweep.metric_n, metric_ref_n=sweep.metric_ref_n,
-                      checkpoint_ticks=steps // tick + 1)  # fmt: skip  # checkpoints at evaluations and the end only
+    d["train"].update(
+        name=trial_name,
+        steps=steps,
+        tick_steps=tick,
+        num_workers=sweep.num_workers,
+        cpus_per_worker=sweep.cpus_per_worker,
+        storage_path=storage_path,
+        metric=sweep.metric,
+        metric_kimg=sweep.metric_kimg,
+        metric_n=sweep.metric_n,
+        metric_ref_n=sweep.metric_ref_n,
+        checkpoint_ticks=steps // tick + 1,  # checkpoints at evaluations and the end only
+    )
     d["tracking"].update(experiment=sweep.experiment or f"{sweep.model}-sweep", register=False)
     return JobConfig.from_dict(d)
 
@@ -151,25 +151,28 @@ def run_trial(params: dict, *, base: dict, sweep: dict, parent_run_id: str | Non
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.train.trainer import fit
-
     sw = SweepConfig(**sweep)
     ctx = tune.get_context()
     name = f"{sw.name}-{ctx.get_trial_id()}"
     cfg = trial_job(base, sw, params, name, storage_path)
-    fit(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
-        output_dir=str(Path(sw.output_dir).resolve() / sw.name / "trials"))  # fmt: skip
+    output_dir = str(Path(sw.output_dir).resolve() / sw.name / "trials")
+    fit(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], output_dir=output_dir)
 
 
 def param_space(sweep: SweepConfig) -> dict:
     from ray import tune
 
     if sweep.search == "grid":
-        return {"lr": tune.grid_search(list(sweep.lrs)), "batch_size": tune.grid_search(list(sweep.batch_sizes)),
-                "d_lr_ratio": tune.grid_search(list(sweep.d_lr_ratios))}  # fmt: skip
-    return {"lr": tune.loguniform(min(sweep.lrs), max(sweep.lrs)) if len(sweep.lrs) > 1 else sweep.lrs[0],
-            "batch_size": tune.choice(list(sweep.batch_sizes)),
-            "d_lr_ratio": tune.choice(list(sweep.d_lr_ratios))}  # fmt: skip
+        return {
+            "lr": tune.grid_search(list(sweep.lrs)),
+            "batch_size": tune.grid_search(list(sweep.batch_sizes)),
+            "d_lr_ratio": tune.grid_search(list(sweep.d_lr_ratios)),
+        }
+    return {
+        "lr": tune.loguniform(min(sweep.lrs), max(sweep.lrs)) if len(sweep.lrs) > 1 else sweep.lrs[0],
+        "batch_size": tune.choice(list(sweep.batch_sizes)),
+        "d_lr_ratio": tune.choice(list(sweep.d_lr_ratios)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -183,14 +186,6 @@ class SweepOutcome:
 
 
 def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> SweepOutcome:
-    import ray
-    from ray import tune
-
-    from orchestrator.data.shards import manifest_hash
-    from orchestrator.tracking.mlflow import failed_on_error, open_run
-    from orchestrator.train.trainer import connect_ray, git_sha, preflight, storage
-    from orchestrator.tune import report
-
     env = env or Env.from_environ()
     t0 = time.monotonic()
     sweep.name = sweep.name or f"{sweep.model}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -200,56 +195,78 @@ def run_sweep(sweep: SweepConfig, *, env: Env | None = None, log=print) -> Sweep
     first = {"lr": sweep.lrs[0], "d_lr_ratio": sweep.d_lr_ratios[0], "batch_size": sweep.batch_sizes[0]}
     probe = trial_job(base.to_dict(), sweep, first, "probe", base.train.storage_path)
     manifest = preflight(probe, env)  # S3, dataset, MLflow; trains the domain classifier once if needed
-    trials_storage = f"{base.train.storage_path.rstrip('/')}/{sweep.name}"  # s3://…/<sweep>: trials and Tune state
-
-    parent = None
-    if base.tracking.enabled:
-        params = {f"sweep.{k}": v for k, v in dataclasses.asdict(sweep).items()}
-        tags = {"ganforge.sweep": sweep.name, "git_sha": git_sha(), "dataset.uri": base.data.dataset,
-                "dataset.manifest_hash": manifest_hash(manifest), "model": sweep.model}  # fmt: skip
-        parent = open_run(env.mlflow_uri, sweep.experiment, sweep.name, params, tags)
+    parent = _open_parent(sweep, base, manifest, env) if base.tracking.enabled else None
+    if parent:
         log(f"MLflow sweep run: {parent.url}")
 
     connect_ray(probe, env)
+    tuner, concurrent = _tuner(sweep, base, parent, env)
+    log(
+        f"sweep {sweep.name}: {sweep.trials} trials × {sweep.num_workers} workers, {concurrent} at a time, "
+        f"{sweep.scheduler} on {sweep.metric} over progress/kimg ≤ {sweep.max_kimg}"
+    )
+    # Until a trial's first evaluation its metric is +inf (no value yet: the worst for "min"), and Tune's TensorBoard
+    # logger warned once per trial about it. The value is meant; MLflow holds the curves.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+    with tracking.failed_on_error(parent):
+        grid = tuner.fit()
+
+    records = report.records_from_results(grid, sweep)
+    out = Path(sweep.output_dir).resolve() / sweep.name
+    wall_s = time.monotonic() - t0
+    summary = report.write_report(records, out, metric=sweep.metric, max_kimg=sweep.max_kimg, wall_s=wall_s)
+    if parent:
+        _finish_mlflow(parent, sweep, out, summary, records)
+    log(report.summary_text(summary))
+    return SweepOutcome(sweep.name, str(out), parent.url if parent else None, summary, records)
+
+
+def _open_parent(sweep: SweepConfig, base: JobConfig, manifest: Manifest, env: Env) -> tracking.RunInfo:
+    """The sweep's parent MLflow run: the sweep config as params, the dataset and code version as tags."""
+    params = {f"sweep.{k}": v for k, v in dataclasses.asdict(sweep).items()}
+    tags = {
+        "ganforge.sweep": sweep.name,
+        "git_sha": git_sha(),
+        "dataset.uri": base.data.dataset,
+        "dataset.manifest_hash": manifest.hash,
+        "model": sweep.model,
+    }
+    return tracking.open_run(env.mlflow_uri, sweep.experiment, sweep.name, params, tags)
+
+
+def _tuner(sweep: SweepConfig, base: JobConfig, parent: tracking.RunInfo | None, env: Env):
+    """(the Tuner of the sweep's trials, how many run at a time). Trials and Tune's state go to
+    ``<train.storage_path>/<sweep name>``."""
+    import ray
+    from ray import tune
+
+    trials_storage = f"{base.train.storage_path.rstrip('/')}/{sweep.name}"
     cpus = ray.cluster_resources().get("CPU", 1)
-    per_trial = sweep.num_workers * sweep.cpus_per_worker
-    concurrent = sweep.max_concurrent_trials or max(1, int(cpus // per_trial))
-    scheduler = make_scheduler(sweep)
-    trainable = tune.with_parameters(run_trial, base=base.to_dict(), sweep=dataclasses.asdict(sweep),
-                                     parent_run_id=parent.run_id if parent else None,
-                                     storage_path=trials_storage)  # fmt: skip
+    concurrent = sweep.max_concurrent_trials or max(1, int(cpus // (sweep.num_workers * sweep.cpus_per_worker)))
+    trainable = tune.with_parameters(
+        run_trial,
+        base=base.to_dict(),
+        sweep=dataclasses.asdict(sweep),
+        parent_run_id=parent.run_id if parent else None,
+        storage_path=trials_storage,
+    )
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 64 * MIB})  # the trial's workers hold the CPUs
-    tune_path, tune_fs = storage(dataclasses.replace(base, train=dataclasses.replace(
-        base.train, storage_path=trials_storage)), env)  # fmt: skip
+    trials_job = dataclasses.replace(base, train=dataclasses.replace(base.train, storage_path=trials_storage))
+    tune_path, tune_fs = storage(trials_job, env)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=sweep.metric,
             mode="min",
-            scheduler=scheduler,
+            scheduler=make_scheduler(sweep),
             num_samples=sweep.num_samples,
             max_concurrent_trials=concurrent,
             search_alg=_random_search(sweep),
         ),
         run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs, verbose=1),
     )
-    log(f"sweep {sweep.name}: {sweep.trials} trials × {sweep.num_workers} workers, {concurrent} at a time, "
-        f"{sweep.scheduler} on {sweep.metric} over progress/kimg ≤ {sweep.max_kimg}")  # fmt: skip
-    # Until a trial's first evaluation its metric is +inf (no value yet: the worst for "min"), and Tune's TensorBoard
-    # logger warned once per trial about it. The value is meant; MLflow holds the curves.
-    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-    with failed_on_error(parent):
-        grid = tuner.fit()
-
-    records = report.records_from_results(grid, sweep)
-    out = Path(sweep.output_dir).resolve() / sweep.name
-    summary = report.write_report(records, out, metric=sweep.metric, max_kimg=sweep.max_kimg,
-                                  wall_s=time.monotonic() - t0)  # fmt: skip
-    if parent:
-        _finish_mlflow(parent, sweep, out, summary, records)
-    log(report.summary_text(summary))
-    return SweepOutcome(sweep.name, str(out), parent.url if parent else None, summary, records)
+    return tuner, concurrent
 
 
 def make_scheduler(sweep: SweepConfig):
@@ -260,8 +277,13 @@ def make_scheduler(sweep: SweepConfig):
 
     if sweep.scheduler != "asha":
         return FIFOScheduler()
-    return FinishingASHA(time_attr="progress/kimg", max_t=sweep.max_kimg, grace_period=sweep.grace_kimg,
-                         reduction_factor=sweep.reduction_factor, stop_last_trials=False)  # fmt: skip
+    return FinishingASHA(
+        time_attr="progress/kimg",
+        max_t=sweep.max_kimg,
+        grace_period=sweep.grace_kimg,
+        reduction_factor=sweep.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def _random_search(sweep: SweepConfig):
@@ -275,9 +297,9 @@ def _random_search(sweep: SweepConfig):
 def _finish_mlflow(parent, sweep: SweepConfig, out: Path, summary: dict, records: list) -> None:
     """Report artifacts and summary metrics on the parent; children that ASHA stopped are closed as KILLED (the
     scheduler ends their process mid-run, so they cannot close themselves)."""
-    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
 
-    client = MlflowClient(parent.tracking_uri)
+    client = tracking.client(parent.tracking_uri, check=False)
     stopped = {f"{sweep.name}-{r.trial_id}" for r in records if r.early_stopped}
     for child in client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"):
         if child.data.tags.get("ganforge.run_name") in stopped:
@@ -289,11 +311,13 @@ def _finish_mlflow(parent, sweep: SweepConfig, out: Path, summary: dict, records
     client.log_artifacts(parent.run_id, str(out), "report")
     rec = summary["recommended"]
     c = summary["compute"]
-    metrics = {f"best/{sweep.metric}": rec["best_metric"], "compute/kimg": c["kimg"],
-               "compute/full_grid_kimg": c["full_grid_kimg"], "compute/saving_x": c["saving_x"],
-               "compute/cpu_s": c["cpu_s"]}  # fmt: skip
-    from mlflow.entities import Metric, RunTag
-
+    metrics = {
+        f"best/{sweep.metric}": rec["best_metric"],
+        "compute/kimg": c["kimg"],
+        "compute/full_grid_kimg": c["full_grid_kimg"],
+        "compute/saving_x": c["saving_x"],
+        "compute/cpu_s": c["cpu_s"],
+    }
     ts = int(time.time() * 1000)
     tags = [RunTag("recommended", str(rec["config"])), RunTag("recommended_trial", str(rec["trial_id"]))]
     client.log_batch(parent.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()], tags=tags)

@@ -3,7 +3,7 @@
 Reference = the first n Fashion-MNIST train images, "generated" = the first n test images (32×32 padded, grey→RGB).
 - baseline: the shipped TorchScript network image by image (NVIDIA's grid_sample resize), np.cov, scipy sqrtm.
 - ours cold: batched BN-fused extractor, float64 running stats, eigh/SVD distance; reference stats computed and
-  put in the cache (a LocalDirStore in a temporary folder).
+  kept as the evaluator keeps them in S3 (``FeatureStats.to_bytes`` under ``reference_key``; here in memory).
 - ours warm: the per-evaluation cost in training: reference stats from the cache, only the n generated images
   go through the network.
 Both FIDs must agree to 1e-3 relative. Results: a rich table and tests/benchmarks/results/fid.json.
@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,12 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from orchestrator.data import fashion_mnist
 from orchestrator.metrics import inception
 from orchestrator.metrics.features import FeatureExtractor, resolve_device
-from orchestrator.metrics.fid import (
-    LocalDirStore,
-    cached_reference_stats,
-    fid_from_stats,
-    stats_for_images,
-)
+from orchestrator.metrics.fid import FeatureStats, fid_from_stats, reference_key, stats_for_images
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fid.json"
 
@@ -109,20 +103,23 @@ def main() -> None:
     t0 = time.perf_counter()
     extractor = FeatureExtractor(device=device, batch_size=args.batch_size)
     setup_s = time.perf_counter() - t0
-    key = {"manifest": f"fashion-mnist/train[:{n}]", "network": extractor.name, "resolution": 32, "n": n}
-    with tempfile.TemporaryDirectory() as cache_dir:
-        store = LocalDirStore(cache_dir)
-        for label in ("ours_cold", "ours_warm"):
-            sync(device)
-            t0 = time.perf_counter()
-            ref = cached_reference_stats(key, lambda: stats_for_images(extractor.batches(ref_imgs), extractor), store)
-            gen = stats_for_images(extractor.batches(gen_imgs), extractor)
-            sync(device)
-            t1 = time.perf_counter()
-            value = fid_from_stats(ref, gen)
-            t2 = time.perf_counter()
-            images = 2 * n if label == "ours_cold" else n
-            rows[label] = {"images": images, "features_s": t1 - t0, "distance_s": t2 - t1, "fid": value}
+    key = reference_key({"manifest": f"fashion-mnist/train[:{n}]", "network": extractor.name, "resolution": 32, "n": n})
+    cache: dict[str, bytes] = {}
+    for label in ("ours_cold", "ours_warm"):
+        sync(device)
+        t0 = time.perf_counter()
+        if key in cache:
+            ref = FeatureStats.from_bytes(cache[key])
+        else:
+            ref = stats_for_images(extractor.batches(ref_imgs), extractor)
+            cache[key] = ref.to_bytes()
+        gen = stats_for_images(extractor.batches(gen_imgs), extractor)
+        sync(device)
+        t1 = time.perf_counter()
+        value = fid_from_stats(ref, gen)
+        t2 = time.perf_counter()
+        images = 2 * n if label == "ours_cold" else n
+        rows[label] = {"images": images, "features_s": t1 - t0, "distance_s": t2 - t1, "fid": value}
 
     for row in rows.values():
         row["total_s"] = row["features_s"] + row["distance_s"]

@@ -16,16 +16,27 @@ import pytest
 from PIL import Image
 
 from orchestrator import cli
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 from orchestrator.sample import sample_grid
+from orchestrator.tracking import mlflow as tracking
 from orchestrator.tracking import registry
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 GANFORGE = str(Path(sys.executable).parent / "ganforge")
-TINY = ["model.ch=8", "model.dim_z=32", "model.shared_dim=16", "data.batch_size=8", "train.tick_steps=2",
-        "train.checkpoint_ticks=1", "train.grid_size=4", "train.keep_checkpoints=1", "train.steps=2",
-        "train.num_workers=1", "train.max_failures=0"]  # fmt: skip
+TINY = [
+    "model.ch=8",
+    "model.dim_z=32",
+    "model.shared_dim=16",
+    "data.batch_size=8",
+    "train.tick_steps=2",
+    "train.checkpoint_ticks=1",
+    "train.grid_size=4",
+    "train.keep_checkpoints=1",
+    "train.steps=2",
+    "train.num_workers=1",
+    "train.max_failures=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +52,25 @@ def train(stack, dataset, runs: dict[str, list[str]], outputs: Path) -> dict[str
     env = {**os.environ, "RAY_ADDRESS": stack.ray_gcs_address, "GANFORGE_OUTPUT_DIR": str(outputs)}
     procs = {}
     for name, extra in runs.items():
-        args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-test", f"train.name={name}",
-                *TINY, *extra]  # fmt: skip
+        args = [
+            f"data.dataset={dataset}",
+            "train.storage_path=s3://ganforge/runs-test",
+            f"train.name={name}",
+            *TINY,
+            *extra,
+        ]
         log = open(outputs / f"{name}.log", "w+")  # noqa: SIM115 - a file, not a pipe: Ray's output may be long
-        procs[name] = (subprocess.Popen([sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, text=True,
-                                        stdout=log, stderr=subprocess.STDOUT), log)  # fmt: skip
+        procs[name] = (
+            subprocess.Popen(
+                [sys.executable, "jobs/biggan.py", *args],
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ),
+            log,
+        )
     out = {}
     for name, (proc, log) in procs.items():
         code = proc.wait(timeout=600)
@@ -59,9 +84,7 @@ def train(stack, dataset, runs: dict[str, list[str]], outputs: Path) -> dict[str
 @pytest.fixture(scope="module")
 def registered(stack, dataset, tmp_path_factory):
     """Two runs trained side by side, four versions; the aliases after each registration."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(stack.mlflow_url)
+    client = tracking.client(stack.mlflow_url)
     tag = uuid.uuid4().hex[:6]
     model, outputs = f"biggan-reg-{tag}", tmp_path_factory.mktemp("outputs")
     run_a, run_b = f"reg-a-{tag}", f"reg-b-{tag}"
@@ -71,7 +94,7 @@ def registered(stack, dataset, tmp_path_factory):
     jobs = {run_a: common, run_b: [*common, "tracking.register=false"]}
     logs = train(stack, dataset, jobs, outputs)
     assert f"registered       models:/{model}/1" in logs[run_a] and "registered  " not in logs[run_b]
-    ids = {k: registry.find_run(client, name).info.run_id for k, name in (("a", run_a), ("b", run_b))}
+    ids = {k: tracking.find_run(client, name).info.run_id for k, name in (("a", run_a), ("b", run_b))}
 
     def aliases():
         return dict(client.get_registered_model(model).aliases)
@@ -79,8 +102,9 @@ def registered(stack, dataset, tmp_path_factory):
     steps = {1: aliases()}  # v1: the first version is champion
     # v2: run B with FID 50, through the CLI in its own process → an FID beats a champion without one
     client.log_metric(ids["b"], "fid", 50.0, step=2)
-    reg = subprocess.run([GANFORGE, "models", "register", run_b, "--model-name", model], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    reg = subprocess.run(
+        [GANFORGE, "models", "register", run_b, "--model-name", model], capture_output=True, text=True, timeout=300
+    )
     assert reg.returncode == 0, reg.stdout[-3000:] + reg.stderr[-3000:]
     assert f"models:/{model}/2" in reg.stdout
     steps[2] = aliases()
@@ -91,8 +115,13 @@ def registered(stack, dataset, tmp_path_factory):
     client.log_metric(ids["a"], "fid", 20.0, step=3)
     assert registry.register_run(ids["a"], model_name=model, log=lambda *_: None).version == "4"
     steps[4] = aliases()
-    return {"model": model, "client": client, "steps": steps, "runs": ids,
-            "checkpoint_a": str(outputs / run_a / "checkpoint")}  # fmt: skip
+    return {
+        "model": model,
+        "client": client,
+        "steps": steps,
+        "runs": ids,
+        "checkpoint_a": str(outputs / run_a / "checkpoint"),
+    }
 
 
 def test_aliases_follow_fid_and_versions_carry_metadata(registered):
@@ -127,8 +156,19 @@ def test_sample_champion_in_a_fresh_shell_is_bit_identical(stack, registered, tm
     env = {"MLFLOW_TRACKING_URI": stack.mlflow_url, "PATH": os.environ["PATH"]}  # no AWS_*: artifacts are proxied
 
     def sample(out: str, seed: int) -> bytes:
-        cmd = [GANFORGE, "sample", f"models:/{model}@champion", "--n", "16", "--seed", str(seed),
-               "--truncation", "0.7", "--out", out]  # fmt: skip
+        cmd = [
+            GANFORGE,
+            "sample",
+            f"models:/{model}@champion",
+            "--n",
+            "16",
+            "--seed",
+            str(seed),
+            "--truncation",
+            "0.7",
+            "--out",
+            out,
+        ]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"models:/{model}/4" in proc.stdout

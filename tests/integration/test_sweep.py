@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -39,15 +39,33 @@ def test_asha_sweep_with_nested_runs_and_report(stack, s3, dataset, tmp_path):
     from mlflow import MlflowClient
 
     name = f"sweep-{uuid.uuid4().hex[:6]}"
-    args = [f"sweep.name={name}", f"sweep.output_dir={tmp_path}", "sweep.lrs=3e-3,1e-5", "sweep.batch_sizes=8,16",
-            "sweep.max_kimg=0.64", "sweep.metric_kimg=0.32", "sweep.grace_kimg=0.32", "sweep.reduction_factor=2",
-            "sweep.metric_n=200", "sweep.metric_ref_n=1000", "sweep.num_workers=2", "sweep.max_concurrent_trials=2",
-            f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-sweep", "model.ch=8", "model.dim_z=32",
-            "model.shared_dim=16", "train.tick_steps=5", "train.grid_size=4", "train.sample_ticks=4"]  # fmt: skip
+    args = [
+        f"sweep.name={name}",
+        f"sweep.output_dir={tmp_path}",
+        "sweep.lrs=3e-3,1e-5",
+        "sweep.batch_sizes=8,16",
+        "sweep.max_kimg=0.64",
+        "sweep.metric_kimg=0.32",
+        "sweep.grace_kimg=0.32",
+        "sweep.reduction_factor=2",
+        "sweep.metric_n=200",
+        "sweep.metric_ref_n=1000",
+        "sweep.num_workers=2",
+        "sweep.max_concurrent_trials=2",
+        f"data.dataset={dataset}",
+        "train.storage_path=s3://ganforge/runs-sweep",
+        "model.ch=8",
+        "model.dim_z=32",
+        "model.shared_dim=16",
+        "train.tick_steps=5",
+        "train.grid_size=4",
+        "train.sample_ticks=4",
+    ]
     env = {**os.environ, "RAY_ADDRESS": stack.ray_gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "jobs/tune_sweep.py", *args], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "jobs/tune_sweep.py", *args], cwd=REPO, env=env, text=True, capture_output=True, timeout=900
+    )
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert "NaN or Inf found" not in proc.stdout + proc.stderr  # the +inf before a first evaluation is meant
@@ -82,7 +100,11 @@ def test_asha_sweep_with_nested_runs_and_report(stack, s3, dataset, tmp_path):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["recommended_trial"] == rec["trial_id"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
-        "report/heatmap.png", "report/curves.png", "report/trials.csv", "report/summary.json"}  # fmt: skip
+        "report/heatmap.png",
+        "report/curves.png",
+        "report/trials.csv",
+        "report/summary.json",
+    }
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4
     for child in children:

@@ -1,4 +1,5 @@
-"""MLflow tracking against the real server: params/tags, and an outage that costs no steps and loses no metrics."""
+"""MLflow tracking against the real server: params/tags, finding a run by id or name, and an outage that costs no
+steps and loses no metrics."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import time
 import uuid
 
 import pytest
-from mlflow import MlflowClient
 
-from orchestrator.tracking.mlflow import BackgroundLogger, TrackingError, check_server, open_run
+from orchestrator.tracking.mlflow import (
+    BackgroundLogger,
+    RegistryError,
+    TrackingError,
+    check_server,
+    client,
+    find_run,
+    open_run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -18,15 +26,36 @@ def test_open_run_reopens_by_name(stack):
     a = open_run(stack.mlflow_url, "tracking-test", name, {"train.steps": 5}, {"git_sha": "abc"})
     b = open_run(stack.mlflow_url, "tracking-test", name, {"train.steps": 5}, {"git_sha": "abc"})
     assert a.run_id == b.run_id  # a resumed run continues the same MLflow run
-    run = MlflowClient(stack.mlflow_url).get_run(a.run_id)
+    run = client(stack.mlflow_url).get_run(a.run_id)
     assert run.data.params["train.steps"] == "5" and run.data.tags["ganforge.resumed"] == "true"
     assert a.url.endswith(f"/#/experiments/{a.experiment_id}/runs/{a.run_id}")
+
+
+def test_find_run_by_id_or_newest_name_optionally_in_one_experiment(stack):
+    name = f"find-{uuid.uuid4().hex[:6]}"
+    older = open_run(stack.mlflow_url, "tracking-test", name, {}, {})
+    newer = open_run(stack.mlflow_url, "tracking-test-2", name, {}, {})  # the same run name in another experiment
+    c = client(stack.mlflow_url)
+    assert find_run(c, name).info.run_id == newer.run_id
+    assert find_run(c, name, "tracking-test").info.run_id == older.run_id
+    assert find_run(c, older.run_id).info.run_id == older.run_id
+    assert find_run(c, older.run_id, "tracking-test").info.run_id == older.run_id
+    with pytest.raises(
+        RegistryError, match=rf"no MLflow run with id or name '{older.run_id}' in experiment 'tracking-"
+    ):
+        find_run(c, older.run_id, "tracking-test-2")
+    with pytest.raises(RegistryError, match=r"^no MLflow experiment 'no-such-exp'; experiments: .*tracking-test"):
+        find_run(c, name, "no-such-exp")
+    with pytest.raises(RegistryError, match=r"^no MLflow run with id or name 'no-such-run'$"):
+        find_run(c, "no-such-run")
 
 
 def test_unreachable_server_is_one_line():
     with pytest.raises(TrackingError, match=r"MLflow tracking server http://127.0.0.1:9 is unreachable") as e:
         check_server("http://127.0.0.1:9", timeout=1)
     assert "\n" not in str(e.value)
+    with pytest.raises(TrackingError, match="is unreachable"):  # the client factory checks first
+        client("http://127.0.0.1:9")
 
 
 def test_outage_buffers_and_flushes(stack):
@@ -44,6 +73,6 @@ def test_outage_buffers_and_flushes(stack):
     finally:
         stack.start_service("mlflow")
     assert logger.close(120)
-    history = MlflowClient(stack.mlflow_url).get_metric_history(info.run_id, "loss/G")
+    history = client(stack.mlflow_url).get_metric_history(info.run_id, "loss/G")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 12))
     assert logger.dropped == 0

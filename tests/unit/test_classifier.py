@@ -68,5 +68,7 @@ def test_training_is_deterministic_and_weights_round_trip(fmnist):
     model, info = clf.from_bytes(data)
     assert info["manifest_hash"] == "hash" and info["weights_id"] == clf.from_bytes(data)[1]["weights_id"]
     with torch.inference_mode():
-        torch.testing.assert_close(model.features(x[:16].float().expand(-1, 3, -1, -1) / 127.5 - 1),
-                                   a.features(x[:16].float().expand(-1, 3, -1, -1) / 127.5 - 1))  # fmt: skip
+        torch.testing.assert_close(
+            model.features(x[:16].float().expand(-1, 3, -1, -1) / 127.5 - 1),
+            a.features(x[:16].float().expand(-1, 3, -1, -1) / 127.5 - 1),
+        )

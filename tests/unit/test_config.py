@@ -6,11 +6,20 @@ import pytest
 
 from orchestrator.config import ConfigError, JobConfig, build_config
 from orchestrator.env import Env, split_s3_uri
+from orchestrator.tune.sweep import load_sweep_config
 
 
 def test_defaults_and_overrides_are_typed():
-    cfg = build_config("biggan", overrides=["model.resolution=64", "hparams.g_lr=1e-3", "train.amp=false",
-                                            "hparams.betas=0.5,0.9", "data.hflip=0"])  # fmt: skip
+    cfg = build_config(
+        "biggan",
+        overrides=[
+            "model.resolution=64",
+            "hparams.g_lr=1e-3",
+            "train.amp=false",
+            "hparams.betas=0.5,0.9",
+            "data.hflip=0",
+        ],
+    )
     assert cfg.model.resolution == 64 and cfg.model.ch == 64  # BigGAN-PyTorch's default ch at 64²
     assert cfg.hparams.g_lr == 1e-3 and isinstance(cfg.hparams.g_lr, float)
     assert cfg.train.amp is False and cfg.data.hflip is False
@@ -50,6 +59,20 @@ def test_bad_input_is_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as e:
         build_config("biggan", overrides=overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sweep_overrides_parse_like_job_overrides():
+    sweep = load_sweep_config(None, ["sweep.lrs=1e-4,1e-3", "sweep.num_workers=3", "sweep.name=true", "train.steps=9"])
+    assert (sweep.lrs, sweep.num_workers, sweep.name, sweep.overrides) == ([1e-4, 1e-3], 3, "true", ["train.steps=9"])
+    for item, message in [
+        ("sweep.num_workers=1.5", "sweep.num_workers=1.5 is not an integer"),
+        ("sweep.lrs", "override 'sweep.lrs' is not key=value"),
+        ("sweep.lr=1", "unknown sweep key sweep.lr; valid sweep keys: batch_sizes,"),
+        ("sweep.search=bayes", "sweep.search='bayes' is invalid; expected grid or random"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_sweep_config(None, [item])
+        assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_unknown_model_and_missing_file():

@@ -1,4 +1,4 @@
-"""FID: our Inception vs the shipped TorchScript network, the distance vs scipy, stats merging, the cache, errors.
+"""FID: our Inception vs the shipped TorchScript network, the distance vs scipy, stats merging, the cache key, errors.
 
 The costliest unit file: ~550 Inception forwards on CPU, computed once in module-scoped fixtures.
 """
@@ -19,8 +19,6 @@ from orchestrator.metrics import inception
 from orchestrator.metrics.features import FeatureExtractor, get_extractor, metric_name, register_extractor
 from orchestrator.metrics.fid import (
     FeatureStats,
-    LocalDirStore,
-    cached_reference_stats,
     fid_from_stats,
     frechet_distance,
     reference_key,
@@ -216,29 +214,17 @@ def test_stats_for_generator_and_naming():
     assert get_extractor("toy") is toy
 
 
-def test_reference_stats_cache(tmp_path):
-    store = LocalDirStore(tmp_path)
-    calls = []
-
-    def compute() -> FeatureStats:
-        calls.append(1)
-        return FeatureStats.from_features(torch.arange(12.0).reshape(4, 3))
-
+def test_reference_key_names_the_data_network_resolution_and_count():
+    """The reference-statistics cache key (Evaluator.reference stores under it): independent of key order, different
+    when any part that changes the features differs, and refused without one of them."""
     parts = {"manifest": "abc123", "network": inception.NETWORK_NAME, "resolution": 32, "n": 4}
-    first = cached_reference_stats(parts, compute, store)
-    second = cached_reference_stats(dict(reversed(parts.items())), compute, store)  # key order must not matter
-    assert len(calls) == 1
-    assert all(torch.equal(a, b) for a, b in zip(first.tensors(), second.tensors()))
+    assert reference_key(dict(reversed(parts.items()))) == reference_key(parts)
+    key = reference_key(parts)
+    assert key.startswith("feature-stats/") and reference_key(parts, folder="feature-sets") != key
     for k, v in [("manifest", "abc124"), ("network", "other"), ("resolution", 64), ("n", 5)]:
         assert reference_key({**parts, k: v}) != reference_key(parts)
     with pytest.raises(ValueError, match="network"):
         reference_key({"manifest": "abc123", "resolution": 32, "n": 4})
-    with pytest.raises(ValueError, match="n=5"):
-        cached_reference_stats({**parts, "n": 5}, compute, store)
-    (tmp_path / reference_key(parts)).write_bytes(b"corrupt")
-    cached_reference_stats(parts, compute, store)
-    assert len(calls) == 3
-    assert FeatureStats.from_bytes(store.get(reference_key(parts))).n == 4
 
 
 def test_weights_errors_and_pytorch_fid_layout(model, tmp_path):

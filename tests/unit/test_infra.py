@@ -104,8 +104,15 @@ def env_groups_read_by_code() -> list[set[str]]:
 
 
 def test_infra_files_exist():
-    for rel in ["ray/cluster.yaml", "k8s/raycluster.yaml", "k8s/rayjob-biggan.yaml", "k8s/mlflow.yaml",
-                "k8s/secrets.example.yaml", "k8s/kustomization.yaml", "local/README.md"]:  # fmt: skip
+    for rel in [
+        "ray/cluster.yaml",
+        "k8s/raycluster.yaml",
+        "k8s/rayjob-biggan.yaml",
+        "k8s/mlflow.yaml",
+        "k8s/secrets.example.yaml",
+        "k8s/kustomization.yaml",
+        "local/README.md",
+    ]:
         assert (INFRA / rel).is_file(), rel
     assert (ROOT / "docs" / "cluster.md").is_file()
 
@@ -232,8 +239,12 @@ def test_cluster_yaml_ray_schema():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_cluster_yaml_commands_are_valid_shell():
     cfg = cluster_cfg()
-    cmds = [*cfg["setup_commands"], *cfg["head_setup_commands"], *cfg["head_start_ray_commands"],
-            *cfg["worker_start_ray_commands"]]  # fmt: skip
+    cmds = [
+        *cfg["setup_commands"],
+        *cfg["head_setup_commands"],
+        *cfg["head_start_ray_commands"],
+        *cfg["worker_start_ray_commands"],
+    ]
     for t in cfg["available_node_types"].values():
         cmds += t.get("initialization_commands", [])
     script = "\n".join(f"{{\n{c}\n}}" for c in cmds)  # one bash -n for all of them
@@ -281,8 +292,9 @@ def test_ray_containers_get_every_env_var_the_code_reads():
 
 
 def test_env_refs_match_the_example_secrets_and_configmap():
-    keys = {(d["kind"], d["metadata"]["name"]): set(d.get("stringData", {})) | set(d.get("data", {}))
-            for d in docs(EXAMPLE)}  # fmt: skip
+    keys = {
+        (d["kind"], d["metadata"]["name"]): set(d.get("stringData", {})) | set(d.get("data", {})) for d in docs(EXAMPLE)
+    }
     assert {("Secret", "ganforge-s3"), ("ConfigMap", "ganforge-config")} <= set(keys)
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= keys[("Secret", "ganforge-s3")]
     assert {"AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "GANFORGE_BUCKET"} <= keys[("ConfigMap", "ganforge-config")]
@@ -318,11 +330,15 @@ def test_rayjob_runs_biggan_on_its_gpus():
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
     cfg = build_config("biggan", ROOT / "jobs" / "configs" / "biggan.yaml", entry[2:])  # the overrides are valid
     assert cfg.train.use_gpu == "true" and cfg.train.name, "a fixed train.name makes re-submitting resume"
-    gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-               for g in spec["rayClusterSpec"]["workerGroupSpecs"])  # fmt: skip
+    gpus = sum(
+        g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    )
     assert cfg.train.num_workers == gpus, "train.num_workers should use every GPU of the job's cluster"
-    cpus = min(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-               for g in spec["rayClusterSpec"]["workerGroupSpecs"])  # fmt: skip
+    cpus = min(
+        int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+        for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    )
     per_pod = gpus // sum(g["replicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])
     assert cfg.train.cpus_per_worker * per_pod <= cpus, "the workers' CPUs do not fit one pod"
 
@@ -337,8 +353,9 @@ def test_mlflow_server_uses_postgres_and_s3():
     assert re.search(r"--artifacts-destination[= ]s3://", joined)
     names = env_names(c)
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names
-    service_ports = {p["port"] for _, s in k8s_objects("Service") if s["metadata"]["name"] == "mlflow"
-                     for p in s["spec"]["ports"]}  # fmt: skip
+    service_ports = {
+        p["port"] for _, s in k8s_objects("Service") if s["metadata"]["name"] == "mlflow" for p in s["spec"]["ports"]
+    }
     assert 5000 in service_ports
     # the in-cluster tracking URI in the ConfigMap must pass MLflow's Host-header check
     cm = next(d for d in docs(EXAMPLE) if d["kind"] == "ConfigMap")

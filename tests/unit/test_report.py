@@ -27,8 +27,8 @@ def synthetic() -> list[TrialRecord]:
     ]
     for i, (lr, bs, stop, values) in enumerate(table):
         history = [(k + 1.0, v) for k, v in enumerate(values)]
-        recs.append(TrialRecord(f"t{i}", lr, 1.0, bs, stop, history, wall_s=10.0 * stop, num_workers=2,
-                                cpus_per_worker=1.0, early_stopped=stop < 8.0))  # fmt: skip
+        accounting = {"wall_s": 10.0 * stop, "num_workers": 2, "cpus_per_worker": 1.0, "early_stopped": stop < 8.0}
+        recs.append(TrialRecord(f"t{i}", lr, 1.0, bs, stop, history, **accounting))
     return recs
 
 
@@ -63,8 +63,14 @@ def test_no_finite_result_recommends_nothing():
 
 
 def test_sweep_config_and_trial_jobs(tmp_path):
-    items = ["sweep.lrs=1e-4,1e-3", "sweep.batch_sizes=8,16", "sweep.max_kimg=1", "sweep.metric_kimg=0.25",
-             "sweep.grace_kimg=0.5", "train.tick_steps=50"]  # fmt: skip
+    items = [
+        "sweep.lrs=1e-4,1e-3",
+        "sweep.batch_sizes=8,16",
+        "sweep.max_kimg=1",
+        "sweep.metric_kimg=0.25",
+        "sweep.grace_kimg=0.5",
+        "train.tick_steps=50",
+    ]
     sweep = load_sweep_config(None, items)
     assert sweep.trials == 4 and sweep.overrides == ["train.tick_steps=50"]
     base = sweep.job().to_dict()

@@ -13,8 +13,9 @@ import torch
 
 import gan_models
 from orchestrator.config import build_config
-from orchestrator.generator import Generator, draw, grid_labels, predict_rows
+from orchestrator.generator import Generator, draw, predict_rows
 from orchestrator.sample import Source, parse_source, sample_grid
+from orchestrator.tracking.images import grid_labels
 from orchestrator.tracking.registry import pick_fid, takes_champion
 from orchestrator.train import checkpoint as ckpt
 
@@ -48,9 +49,20 @@ def test_parse_source(uri, expected):
 
 
 @pytest.mark.parametrize(
-    "uri", ["models:/biggan", "models:/biggan/three", "models:/@champion", "models:/biggan@", "models:/a/b/3",
-            "models:/a@b/c", "s3://ganforge", "gs://bucket/ckpt", "", "runs:/abc/generator"],
-)  # fmt: skip
+    "uri",
+    [
+        "models:/biggan",
+        "models:/biggan/three",
+        "models:/@champion",
+        "models:/biggan@",
+        "models:/a/b/3",
+        "models:/a@b/c",
+        "s3://ganforge",
+        "gs://bucket/ckpt",
+        "",
+        "runs:/abc/generator",
+    ],
+)
 def test_parse_source_rejects_bad_uris_in_one_line(uri):
     with pytest.raises(ValueError) as e:
         parse_source(uri)
@@ -70,9 +82,13 @@ def test_grid_labels_cycle_per_row_or_fix_one_class():
 
 @pytest.mark.parametrize(
     ("name", "cfg", "truncation"),
-    [("biggan", BIGGAN, 0.7), ("biggan", BIGGAN, None), ("stylegan2", STYLEGAN2, 0.5),
-     ("stylegan2", {**STYLEGAN2, "c_dim": 3}, None)],
-)  # fmt: skip
+    [
+        ("biggan", BIGGAN, 0.7),
+        ("biggan", BIGGAN, None),
+        ("stylegan2", STYLEGAN2, 0.5),
+        ("stylegan2", {**STYLEGAN2, "c_dim": 3}, None),
+    ],
+)
 def test_generator_reproduces_the_recipe(name, cfg, truncation):
     recipe = recipe_for(name, **cfg)
     gen = Generator(name, recipe.cfg, recipe.G_ema.state_dict())
@@ -122,8 +138,8 @@ def test_files_round_trip_and_predict_rows_match_the_grid(tmp_path):
 def test_sample_grid_from_a_local_checkpoint_is_bit_identical(tmp_path):
     job = build_config("biggan", overrides=[f"model.{k}={v}" for k, v in BIGGAN.items()])
     recipe = recipe_for("biggan", **BIGGAN)
-    shared = {"recipe": recipe.state_dict(), "step": 2, "tick": 1, "config": job.to_dict()}
-    ckpt.save(tmp_path / "ckpt", rank=0, rank_state={}, shared=shared, meta={"step": 2})
+    state = ckpt.TrainState(recipe.state_dict(), step=2, tick=1, config=job.to_dict())
+    ckpt.save(tmp_path / "ckpt", rank=0, rank_state=ckpt.RankState({}, {}), train=state)
     a, b, c = (str(tmp_path / f"{x}.png") for x in "abc")
     sample_grid(str(tmp_path / "ckpt"), a, n=16, seed=0, truncation=0.7, log=lambda *_: None)
     sample_grid(str(tmp_path / "ckpt"), b, n=16, seed=0, truncation=0.7, log=lambda *_: None)
