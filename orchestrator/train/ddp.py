@@ -9,10 +9,15 @@ the next forward; we do the same explicitly at every tick, before anything reads
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from gan_models.steps import read_metrics
 
 
 def active() -> bool:
@@ -58,6 +63,51 @@ def assert_in_sync(modules: dict[str, nn.Module]) -> dict[str, str]:
     for rank, theirs in enumerate(every):
         diff = sorted(k for k in mine if theirs.get(k) != every[0].get(k))
         if diff:
-            raise RuntimeError(f"DDP replicas diverged: rank {rank} differs from rank 0 in {len(diff)} tensors, "
-                               f"e.g. {', '.join(diff[:5])}")  # fmt: skip
+            raise RuntimeError(
+                f"DDP replicas diverged: rank {rank} differs from rank 0 in {len(diff)} tensors, "
+                f"e.g. {', '.join(diff[:5])}"
+            )
     return mine
+
+
+def reduce_tick(sums: Mapping[str, Any], counts: Mapping[str, int]) -> dict[str, float]:
+    """The tick's mean of every signal over all steps of all ranks (Σ values / Σ counts, float64), identical on
+    every rank, so every rank's health monitor reaches the same verdict. A NaN/inf on one rank makes the mean
+    non-finite everywhere. A signal only some ranks reported is averaged over the steps that reported it.
+
+    ``sums`` hold Python floats or 0-d device tensors (the recipes keep step metrics on the device): they are read
+    back here once per tick, in one transfer, not once per metric per step."""
+    if not active():
+        return read_metrics({k: v / counts[k] for k, v in sums.items()})
+    every: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(sums))
+    keys = sorted(set().union(*every))
+    if not keys:
+        return {}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64).to(device).reshape(()) for k in keys]
+    steps = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
+    t = torch.cat([torch.stack(values), steps])
+    dist.all_reduce(t)
+    n = len(keys)
+    return dict(zip(keys, (t[:n] / t[n:]).tolist(), strict=True))
+
+
+class TickStats:
+    """The step metrics of one tick, summed on the device; ``reduce()`` is the tick's collective mean."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, step_metrics: Mapping[str, Any]) -> None:
+        for k, v in step_metrics.items():  # phases like G or R1 steps report only when they run
+            self.sums[k] += v
+            self.counts[k] += 1
+
+    def reduce(self) -> dict[str, float]:
+        return reduce_tick(self.sums, self.counts)
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()

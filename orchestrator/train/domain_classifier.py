@@ -14,6 +14,7 @@ import torch
 
 from orchestrator.config import DataConfig
 from orchestrator.data.loader import ShardLoader
+from orchestrator.data.manifest import Manifest
 from orchestrator.metrics.classifier import DomainClassifier, accuracy, store, stored, train_classifier, weights_key
 
 
@@ -56,8 +57,13 @@ def train_for_dataset(
     log(f"domain classifier: {len(train)} training images from {dataset} (read in {t_load:.0f} s), {epochs} epochs")
     model = train_classifier(images[train], labels[train], num_classes=k, epochs=epochs, seed=seed, progress=progress)
     acc = accuracy(model, images[hold], labels[hold]) if n_hold else float("nan")
-    info = {"holdout_accuracy": acc, "n_train": len(train), "n_holdout": n_hold, "epochs": epochs,
-            "train_s": round(time.monotonic() - t0, 1)}  # fmt: skip
+    info = {
+        "holdout_accuracy": acc,
+        "n_train": len(train),
+        "n_holdout": n_hold,
+        "epochs": epochs,
+        "train_s": round(time.monotonic() - t0, 1),
+    }
     log(f"domain classifier: hold-out accuracy {acc:.3f} after {info['train_s']:.0f} s")
     return model, info
 
@@ -65,17 +71,27 @@ def train_for_dataset(
 _training = threading.Lock()  # one training per dataset in a process, however many threads ask
 
 
-def ensure_classifier(dataset: str, env=None, *, train: bool = True, progress: bool = True, log=print,
-                      **train_kwargs) -> tuple[DomainClassifier, dict]:  # fmt: skip
-    """The classifier for ``dataset``: from this process's cache, from S3, or (``train``) trained now and stored."""
+def ensure_classifier(
+    dataset: str,
+    env=None,
+    *,
+    manifest: Manifest | None = None,
+    train: bool = True,
+    progress: bool = True,
+    log=print,
+    **train_kwargs,
+) -> tuple[DomainClassifier, dict]:
+    """The classifier for ``dataset`` (whose ``manifest`` the caller may have read already): from this process's
+    cache, from S3, or (``train``) trained now and stored."""
     with _training:
-        found, manifest_h = stored(dataset, env, log=log)
+        found, manifest_h = stored(dataset, env, manifest=manifest, log=log)
         if found is not None:
             return found
         bucket, key = weights_key(dataset)
         if not train:
-            raise FileNotFoundError(f"no domain classifier at s3://{bucket}/{key}; train it with "
-                                    f"`ganforge classifier --dataset {dataset}`")  # fmt: skip
+            raise FileNotFoundError(
+                f"no domain classifier at s3://{bucket}/{key}; train it with `ganforge classifier --dataset {dataset}`"
+            )
         model, info = train_for_dataset(dataset, env, progress=progress, log=log, **train_kwargs)
         found = store(dataset, env, model, manifest_h, info)
         log(f"domain classifier stored at s3://{bucket}/{key}")

@@ -41,17 +41,21 @@ def check(cfg: JobConfig) -> None:
     """One-line error before training when ``keep_batch`` cannot keep the batch at some allowed world size."""
     d, t = cfg.data, cfg.train
     if d.batch_size % t.accumulate:
-        raise ConfigError(f"data.batch_size={d.batch_size} is not a multiple of train.accumulate={t.accumulate}; "
-                          "each step splits the batch into that many equal micro-batches")  # fmt: skip
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} is not a multiple of train.accumulate={t.accumulate}; "
+            "each step splits the batch into that many equal micro-batches"
+        )
     if t.elastic != "keep_batch":
         return
     micro, total = d.batch_size // t.accumulate, d.batch_size * t.num_workers
     bad = [w for w in world_sizes(cfg) if total % (w * micro)]
     if bad:
-        raise ConfigError(f"train.min_workers={t.min_workers}: with train.elastic=keep_batch the global batch {total} "
-                          f"must split into micro-batches of {micro} on every world size, but not on {bad[0]} "
-                          f"workers; pick data.batch_size/train.accumulate so {total} divides, or "
-                          "train.elastic=rescale")  # fmt: skip
+        raise ConfigError(
+            f"train.min_workers={t.min_workers}: with train.elastic=keep_batch the global batch {total} "
+            f"must split into micro-batches of {micro} on every world size, but not on {bad[0]} "
+            f"workers; pick data.batch_size/train.accumulate so {total} divides, or "
+            "train.elastic=rescale"
+        )
 
 
 def adapt(cfg: JobConfig, world: int) -> tuple[JobConfig, str | None]:
@@ -62,14 +66,21 @@ def adapt(cfg: JobConfig, world: int) -> tuple[JobConfig, str | None]:
     if cfg.train.elastic == "keep_batch":
         micro = cfg.data.batch_size // cfg.train.accumulate
         per_worker = cfg.data.batch_size * ref // world
-        new = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=per_worker),
-                                  train=dataclasses.replace(cfg.train, accumulate=per_worker // micro))  # fmt: skip
-        return new, (f"{world} of {ref} workers: global batch kept at {cfg.data.batch_size * ref} "
-                     f"({per_worker} per worker in {per_worker // micro} micro-batches of {micro})")  # fmt: skip
+        new = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, batch_size=per_worker),
+            train=dataclasses.replace(cfg.train, accumulate=per_worker // micro),
+        )
+        return new, (
+            f"{world} of {ref} workers: global batch kept at {cfg.data.batch_size * ref} "
+            f"({per_worker} per worker in {per_worker // micro} micro-batches of {micro})"
+        )
     ratio = world / ref
     hp = cfg.hparams.for_batch_ratio(ratio)
     moved = [f.name for f in dataclasses.fields(hp) if getattr(hp, f.name) != getattr(cfg.hparams, f.name)]
     changed = ", ".join(f"{k} {getattr(cfg.hparams, k)} → {getattr(hp, k)}" for k in moved)
-    note = (f"{world} of {ref} workers: global batch {cfg.data.batch_size * world} instead of "
-            f"{cfg.data.batch_size * ref}; rescaled {changed or 'nothing'}")  # fmt: skip
+    note = (
+        f"{world} of {ref} workers: global batch {cfg.data.batch_size * world} instead of "
+        f"{cfg.data.batch_size * ref}; rescaled {changed or 'nothing'}"
+    )
     return dataclasses.replace(cfg, hparams=hp), note

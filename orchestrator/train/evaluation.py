@@ -11,8 +11,9 @@ Every rank takes part; nothing here is rank-0 only:
   classes for conditional models), extracts features in batches, and the sums are all-reduced in float64.
 - Every rank then computes the same distance from the same global statistics.
 
-Mode-collapse signals (``train.quality_signals``), from the same samples and features — no second generation pass —
-land in ``last_signals`` after each evaluation, identical on every rank:
+``Evaluator.evaluate()`` returns an ``Evaluation``: the value, the mode-collapse signals (``train.quality_signals``)
+and the timings. The signals come from the same samples and features — no second generation pass — and are identical
+on every rank:
 
 - ``precision`` / ``recall`` (Kynkäänniemi et al. 2019, k-NN manifolds with k = 3) and ``diversity`` (mean pairwise
   feature distance of the generated set over the real set's) between ``pr_n`` real feature vectors and the first
@@ -46,12 +47,17 @@ import torch.distributed as dist
 
 from gan_models.protocol import Recipe
 from orchestrator.config import JobConfig
+from orchestrator.data.loader import ShardLoader, decode_backend
+from orchestrator.data.manifest import Manifest
+from orchestrator.data.s3 import S3BytesStore
 from orchestrator.env import Env, split_s3_uri
+from orchestrator.metrics.classifier import ClassifierExtractor, load_extractor
 from orchestrator.metrics.diversity import class_report, diversity_score, mean_pairwise_distance
 from orchestrator.metrics.features import STANDARD_NETWORK, FeatureExtractor, get_extractor
 from orchestrator.metrics.fid import FeatureStats, frechet_distance, reference_key
 from orchestrator.metrics.precision_recall import precision_recall
 from orchestrator.train import ddp
+from orchestrator.train.domain_classifier import ensure_classifier
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +187,23 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of G_ema, the same on every rank."""
+
+    value: float  # the metric
+    signals: dict[str, float]  # the mode-collapse signals (empty with train.quality_signals=false)
+    class_report: dict[str, Any] | None  # the domain classifier's per-class detail (diversity.class_report)
+    seconds: float  # the whole evaluation, reference included
+    gen_seconds: float  # generating and extracting the samples
+    ref_cached: bool  # whether the reference statistics came from the S3 cache
+    ref_seconds: float  # getting them (reading from S3, or computing and storing them)
+
+    @property
+    def reference_note(self) -> str:
+        return "cached in S3" if self.ref_cached else f"computed in {self.ref_seconds:.1f} s"
+
+
 @dataclass
 class Generated:
     stats: FeatureStats  # global (all-reduced)
@@ -189,31 +212,39 @@ class Generated:
     labels: torch.Tensor | None  # the classes they were generated for (conditional models), gathered
 
 
-def make_extractor(cfg: JobConfig, device: torch.device | str, env: Env | None = None) -> FeatureExtractor:
+def make_extractor(
+    cfg: JobConfig, device: torch.device | str, env: Env | None = None, manifest: Manifest | None = None
+) -> FeatureExtractor:
     name = extractor_name(cfg.train.metric)
     kwargs: dict = {"device": device}
     if name != STANDARD_NETWORK:  # domain extractors are trained on (and stored beside) the dataset
-        kwargs.update(dataset=cfg.data.dataset, env=env)
+        kwargs.update(dataset=cfg.data.dataset, env=env, manifest=manifest)
     return get_extractor(name, **kwargs)
 
 
 class Evaluator:
-    """``evaluate()`` → the metric for the recipe's current G_ema; call it on every rank at the same time.
+    """``evaluate()`` → an ``Evaluation`` of the recipe's current G_ema; call it on every rank at the same time."""
 
-    After each call ``last_signals`` holds the mode-collapse signals (empty with ``train.quality_signals=false``)
-    and ``last_class_report`` the domain classifier's per-class detail (``diversity.class_report``) or ``None``."""
-
-    def __init__(self, cfg: JobConfig, recipe: Recipe, *, rank: int, world: int, device: torch.device, env: Env | None,
-                 manifest: dict, manifest_hash: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: JobConfig,
+        recipe: Recipe,
+        *,
+        rank: int,
+        world: int,
+        device: torch.device,
+        env: Env | None,
+        manifest: Manifest,
+        manifest_hash: str,
+    ) -> None:
         self.cfg, self.recipe, self.rank, self.world = cfg, recipe, rank, world
         self.device, self.env = torch.device(device), env
         self.metric = cfg.train.metric
-        self.extractor = make_extractor(cfg, self.device, env)
-        self.resolution = int(manifest["resolution"])
-        self.num_classes = int(manifest.get("num_classes", 0))
-        self.ref_n = min(cfg.train.metric_ref_n, int(manifest["num_samples"]))
-        from orchestrator.data.loader import decode_backend  # lazily, like _read_real: it imports DALI
-
+        self.manifest = manifest  # the loader's: the manifest is read once per process
+        self.extractor = make_extractor(cfg, self.device, env, manifest)
+        self.resolution = manifest.resolution
+        self.num_classes = manifest.num_classes
+        self.ref_n = min(cfg.train.metric_ref_n, manifest.num_samples)
         self.key_parts = {
             "manifest": manifest_hash,
             "network": self.extractor.name,
@@ -226,8 +257,6 @@ class Evaluator:
         self.signals_on = bool(cfg.train.quality_signals)
         self.pr_n = signal_set_size(cfg.train.pr_n, cfg.train.metric_n, self.ref_n) if self.signals_on else 0
         bucket, prefix = split_s3_uri(cfg.data.dataset)
-        from orchestrator.data.s3 import S3BytesStore
-
         self.store = S3BytesStore(bucket, prefix, env)
         self._ref: FeatureStats | None = None
         self._real_set: torch.Tensor | None = None  # rank 0 only: the real signal set
@@ -236,16 +265,13 @@ class Evaluator:
         self._classifier_tried = False
         self.ref_seconds = 0.0
         self.ref_cached: bool | None = None  # whether the reference came from the S3 cache
-        self.last_seconds = 0.0
-        self.gen_seconds = 0.0
-        self.signals_seconds = 0.0
-        self.classifier_seconds = 0.0
-        self.last_signals: dict[str, float] = {}
-        self.last_class_report: dict[str, Any] | None = None
         self.signals_skipped: dict[str, str] = {}  # signal group → why it is not computed (logged once)
         if self.signals_on and self.pr_n <= PR_K:
-            self._skip("precision/recall/diversity", f"only {self.pr_n} samples per set (train.pr_n, metric_n, "
-                       f"metric_ref_n); k-NN with k = {PR_K} needs {PR_K + 1}")  # fmt: skip
+            self._skip(
+                "precision/recall/diversity",
+                f"only {self.pr_n} samples per set (train.pr_n, metric_n, "
+                f"metric_ref_n); k-NN with k = {PR_K} needs {PR_K + 1}",
+            )
 
     def _skip(self, what: str, why: str) -> None:
         if what not in self.signals_skipped:
@@ -295,8 +321,13 @@ class Evaluator:
             log.warning("real feature set %s unreadable (%s); recomputing", key, e)
             return None
         if feats.shape != (self.pr_n, self._dim()):
-            log.warning("real feature set %s has shape %s, expected (%d, %d); recomputing", key,
-                        tuple(feats.shape), self.pr_n, self._dim())  # fmt: skip
+            log.warning(
+                "real feature set %s has shape %s, expected (%d, %d); recomputing",
+                key,
+                tuple(feats.shape),
+                self.pr_n,
+                self._dim(),
+            )
             return None
         return feats
 
@@ -305,8 +336,6 @@ class Evaluator:
         """One pass over each rank's shards (no flips): the statistics of its share of ``ref_n`` images and/or its
         share of the real signal set, spread evenly over the images read so the set does not come from the first
         shard alone. Returns the global statistics and the gathered set (each ``None`` when not wanted)."""
-        from orchestrator.data.loader import ShardLoader
-
         data_cfg = dataclasses.replace(self.cfg.data, hflip=False, crop_scale=1.0, batch_size=min(256, self.ref_n))
         loader = ShardLoader(data_cfg, rank=self.rank, world_size=self.world, device=self.device, env=self.env)
         sizes = [loader.epoch_size] * self.world
@@ -352,13 +381,9 @@ class Evaluator:
         With ``fd_classifier`` it is the metric's own extractor. Otherwise rank 0 loads it from S3 — training and
         storing it first when missing (``ensure_classifier``, ~1 min on a CPU, once per dataset) — and the other
         ranks load what rank 0 found, so every rank takes the same path."""
-        from orchestrator.metrics.classifier import ClassifierExtractor, load_extractor
-        from orchestrator.train.domain_classifier import ensure_classifier
-
         if self._classifier_tried:
             return self._classifier
         self._classifier_tried = True
-        t0 = time.perf_counter()
         c_dim = int(self.recipe.c_dim or 0)
         if self.num_classes < 2:
             self._skip("coverage/accuracy", f"the dataset has {self.num_classes} class(es); coverage needs ≥ 2")
@@ -373,20 +398,22 @@ class Evaluator:
         if self.rank == 0:
             try:
                 # its progress lines go to stdout like the loop's, so a pause at the first evaluation is explained
-                ensure_classifier(self.cfg.data.dataset, self.env, train=True, progress=False, log=print)
+                ensure_classifier(
+                    self.cfg.data.dataset, self.env, manifest=self.manifest, train=True, progress=False, log=print
+                )
             except Exception as e:  # an auxiliary signal: say why and keep training
                 error = f"no domain classifier ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         error = ddp.broadcast_object(error)
         if error is None:
-            model = load_extractor(self.cfg.data.dataset, self.env, device=self.device)
+            model = load_extractor(self.cfg.data.dataset, self.env, manifest=self.manifest, device=self.device)
             if model.model.arch.num_classes != self.num_classes:
-                error = (f"the domain classifier has {model.model.arch.num_classes} classes, "
-                         f"the dataset {self.num_classes}")  # fmt: skip
+                error = (
+                    f"the domain classifier has {model.model.arch.num_classes} classes, the dataset {self.num_classes}"
+                )
             else:
                 self._classifier = model
         if error is not None:
             self._skip("coverage/accuracy", error)
-        self.classifier_seconds = time.perf_counter() - t0
         return self._classifier
 
     def _logits(self, images: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -427,19 +454,19 @@ class Evaluator:
             out.labels = gather_rows(torch.cat(labels)) if labels else None
         return out
 
-    def signals(self, gen: Generated) -> dict[str, float]:
-        """The mode-collapse signals of ``gen`` (from ``generated()``): computed on rank 0, the same on every rank."""
+    def signals(self, gen: Generated) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """(the mode-collapse signals of ``gen``, the class report): computed on rank 0, the same on every rank."""
         result = None
         if self.rank == 0:
             if self._real_set is not None and self._real_spread is None:
                 self._real_spread = mean_pairwise_distance(self._real_set)
             real = self._real_set if gen.feats is not None else None
-            result = quality_signals(real, gen.feats, real_spread=self._real_spread, logits=gen.logits,
-                                     labels=gen.labels)  # fmt: skip
-        self.last_signals, self.last_class_report = ddp.broadcast_object(result)
-        return self.last_signals
+            result = quality_signals(
+                real, gen.feats, real_spread=self._real_spread, logits=gen.logits, labels=gen.labels
+            )
+        return ddp.broadcast_object(result)
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> Evaluation:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             ref = self.reference()
@@ -448,10 +475,14 @@ class Evaluator:
             t1 = time.perf_counter()
             gen = self.generated()
         value = frechet_distance(*ref.mu_sigma(), *gen.stats.mu_sigma())
-        self.gen_seconds = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        if self.signals_on:
-            self.signals(gen)
-        self.signals_seconds = time.perf_counter() - t2
-        self.last_seconds = time.perf_counter() - t0
-        return value
+        gen_seconds = time.perf_counter() - t1
+        signals, report = self.signals(gen) if self.signals_on else ({}, None)
+        return Evaluation(
+            value=value,
+            signals=signals,
+            class_report=report,
+            seconds=time.perf_counter() - t0,
+            gen_seconds=gen_seconds,
+            ref_cached=bool(self.ref_cached),
+            ref_seconds=self.ref_seconds,
+        )

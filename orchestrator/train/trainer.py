@@ -15,9 +15,15 @@ from typing import Any
 
 import torch
 
+from orchestrator import __version__
 from orchestrator.config import JobConfig
+from orchestrator.data import s3
 from orchestrator.env import Env, split_s3_uri
+from orchestrator.generator import Generator, fixed_latents
+from orchestrator.tracking import mlflow as tracking
+from orchestrator.tracking.images import image_grid
 from orchestrator.train import elastic
+from orchestrator.train.health import STOP_REASON, STOPPED, TrainingStopped
 
 RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # keeps Ray on 127.0.0.1 (DESIGN.md §8)
 
@@ -35,8 +41,13 @@ class RunOutcome:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -93,8 +104,6 @@ def connect_ray(cfg: JobConfig, env: Env) -> None:
 
 def preflight(cfg: JobConfig, env: Env) -> dict:
     """Check S3 credentials, the dataset prefix and MLflow before any worker starts; returns the manifest."""
-    from orchestrator.data import s3
-
     elastic.check(cfg)
     manifest = s3.check_prefix(cfg.data.dataset, env)
     bucket, _ = split_s3_uri(cfg.train.storage_path)
@@ -103,16 +112,16 @@ def preflight(cfg: JobConfig, env: Env) -> dict:
     except Exception as e:
         raise s3.DataError(s3.describe_error(e, env, f"s3://{bucket}")) from None
     if cfg.tracking.enabled:
-        from orchestrator.tracking.mlflow import check_server
-
-        check_server(env.mlflow_uri)
+        tracking.check_server(env.mlflow_uri)
     # The domain classifier serves fd_classifier and the quality signals' coverage: train it here, once, so no worker
     # pauses at its first evaluation.
     if cfg.train.metric_kimg > 0 and (cfg.train.metric == "fd_classifier" or cfg.train.quality_signals):
-        from orchestrator.train.domain_classifier import ensure_classifier
+        from orchestrator.train.domain_classifier import ensure_classifier  # DALI loads only when it is needed
 
         try:
-            ensure_classifier(cfg.data.dataset, env)  # trained once here (driver), so workers only load it
+            ensure_classifier(
+                cfg.data.dataset, env, manifest=manifest
+            )  # trained once here (driver), so workers only load it
         except Exception:
             if cfg.train.metric == "fd_classifier":
                 raise
@@ -120,13 +129,14 @@ def preflight(cfg: JobConfig, env: Env) -> dict:
     return manifest
 
 
-def make_trainer(cfg: JobConfig, env: Env, *, mlflow_run_id: str | None, manifest_hash: str, sha: str,
-                 callbacks: list | None = None):  # fmt: skip
+def make_trainer(
+    cfg: JobConfig, env: Env, *, mlflow_run_id: str | None, manifest_hash: str, sha: str, callbacks: list | None = None
+):
     """The Ray Train TorchTrainer for one run of ``cfg`` (``fit`` and every Tune trial build theirs here)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train.loop import train_loop
+    from orchestrator.train.loop import LaunchContext, train_loop  # Ray Train and DALI load on the driver only here
 
     use_gpu = resolve_use_gpu(cfg.train.use_gpu)
     storage_path, filesystem = storage(cfg, env)
@@ -136,12 +146,14 @@ def make_trainer(cfg: JobConfig, env: Env, *, mlflow_run_id: str | None, manifes
     return TorchTrainer(
         train_loop,
         train_loop_config={
-            "job": cfg.to_dict(),
-            "mlflow_run_id": mlflow_run_id,
-            "mlflow_uri": env.mlflow_uri,
-            "git_sha": sha,
-            "manifest_hash": manifest_hash,
-            "storage_uri": f"s3://{storage_path}/{cfg.train.name}",
+            "launch": LaunchContext(
+                job=cfg.to_dict(),
+                storage_uri=f"s3://{storage_path}/{cfg.train.name}",
+                manifest_hash=manifest_hash,
+                git_sha=sha,
+                mlflow_run_id=mlflow_run_id,
+                mlflow_uri=env.mlflow_uri,
+            )
         },
         scaling_config=ScalingConfig(
             num_workers=elastic.scaling_workers(cfg),  # (min, max) when elastic
@@ -162,47 +174,37 @@ def make_trainer(cfg: JobConfig, env: Env, *, mlflow_run_id: str | None, manifes
     )
 
 
-def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None, log=print,
-        parent_run_id: str | None = None, callbacks: list | None = None) -> RunOutcome:  # fmt: skip
+def fit(
+    cfg: JobConfig,
+    *,
+    env: Env | None = None,
+    output_dir: str | None = None,
+    log=print,
+    parent_run_id: str | None = None,
+    callbacks: list | None = None,
+) -> RunOutcome:
     """Pre-flight, MLflow run, TorchTrainer.fit, final artifacts. A Tune trial passes its sweep's ``parent_run_id``
     (the run becomes a nested child) and ``callbacks=[TuneReportCallback()]``."""
-    from orchestrator.data.shards import manifest_hash
-
     env = env or Env.from_environ()
     t0 = time.monotonic()
     name = cfg.train.name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.train.name = name
     manifest = preflight(cfg, env)
-    data_hash = manifest_hash(manifest)
+    data_hash = manifest.hash
     sha = git_sha()
 
-    run = None
-    if cfg.tracking.enabled:
-        from orchestrator.tracking.mlflow import open_run
-
-        tags = {"git_sha": sha, "dataset.manifest_hash": data_hash, "dataset.uri": cfg.data.dataset,
-                "model": cfg.model_name, "ganforge.version": _version()}  # fmt: skip
-        run = open_run(
-            env.mlflow_uri,
-            cfg.tracking.experiment or cfg.model_name,
-            name,
-            cfg.flat(),
-            tags,
-            parent_run_id=parent_run_id,
-        )
-        log(f"MLflow run: {run.url}")
-
+    run = _open_run(cfg, env, sha=sha, data_hash=data_hash, parent_run_id=parent_run_id, log=log)
     connect_ray(cfg, env)
     trainer = make_trainer(
         cfg, env, mlflow_run_id=run.run_id if run else None, manifest_hash=data_hash, sha=sha, callbacks=callbacks
     )
     # the device and storage make_trainer resolved, not a second resolution that could disagree
     device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
-    log(f"training {cfg.model_name} on {cfg.train.num_workers} worker(s), {device}, "
-        f"checkpoints → s3://{trainer.run_config.storage_path}/{name}")  # fmt: skip
-    from orchestrator.tracking.mlflow import failed_on_error
-
-    with failed_on_error(run):
+    log(
+        f"training {cfg.model_name} on {cfg.train.num_workers} worker(s), {device}, "
+        f"checkpoints → s3://{trainer.run_config.storage_path}/{name}"
+    )
+    with tracking.failed_on_error(run):
         result = trainer.fit()
 
     checkpoint_uri = f"s3://{result.checkpoint.path}" if result.checkpoint else None
@@ -215,32 +217,53 @@ def fit(cfg: JobConfig, *, env: Env | None = None, output_dir: str | None = None
         grid_path = str(out / "samples_final.png")
         final_grid(local_ckpt, grid_path)
         if run:
-            best = result.get_best_checkpoint(f"checkpoint/{cfg.train.metric}", "min") \
-                if cfg.train.metric_kimg > 0 and result.best_checkpoints else None  # fmt: skip
-            if best is not None:
-                from mlflow import MlflowClient
+            _finish_run(cfg, run, result, local_ckpt, grid_path, checkpoint_uri, log)
+    return RunOutcome(
+        name,
+        checkpoint_uri,
+        local_ckpt,
+        run.url if run else None,
+        grid_path,
+        dict(result.metrics or {}),
+        time.monotonic() - t0,
+    )
 
-                MlflowClient(run.tracking_uri).set_tag(run.run_id, "best_checkpoint", f"s3://{best.path}")
-            _log_final(run, local_ckpt, grid_path, checkpoint_uri)
-            # --- model registry: G_ema as a new version of the registered model (orchestrator/tracking/registry.py)
-            if cfg.tracking.register:
-                _register(cfg, run, local_ckpt, log)
-    return RunOutcome(name, checkpoint_uri, local_ckpt, run.url if run else None, grid_path,
-                      dict(result.metrics or {}), time.monotonic() - t0)  # fmt: skip
+
+def _open_run(cfg: JobConfig, env: Env, *, sha: str, data_hash: str, parent_run_id: str | None, log):
+    """The run's MLflow run with its parameters and provenance tags, or None with tracking off."""
+    if not cfg.tracking.enabled:
+        return None
+    tags = {
+        "git_sha": sha,
+        "dataset.manifest_hash": data_hash,
+        "dataset.uri": cfg.data.dataset,
+        "model": cfg.model_name,
+        "ganforge.version": __version__,
+    }
+    experiment = cfg.tracking.experiment or cfg.model_name
+    run = tracking.open_run(env.mlflow_uri, experiment, cfg.train.name, cfg.flat(), tags, parent_run_id=parent_run_id)
+    log(f"MLflow run: {run.url}")
+    return run
+
+
+def _finish_run(cfg: JobConfig, run, result, local_ckpt: str, grid_path: str, checkpoint_uri: str | None, log):
+    """The best checkpoint's tag, the final grid and checkpoint as artifacts, the registry (when asked)."""
+    if cfg.train.metric_kimg > 0 and result.best_checkpoints:
+        best = result.get_best_checkpoint(f"checkpoint/{cfg.train.metric}", "min")
+        if best is not None:
+            tracking.client(run.tracking_uri, check=False).set_tag(run.run_id, "best_checkpoint", f"s3://{best.path}")
+    _log_final(run, local_ckpt, grid_path, checkpoint_uri)
+    if cfg.tracking.register:  # G_ema as a new version of the registered model (orchestrator/tracking/registry.py)
+        _register(cfg, run, local_ckpt, log)
 
 
 def _raise_if_stopped(metrics: dict[str, Any], name: str, checkpoint_uri: str | None, run) -> None:
     """The divergence guard ended the run (its rollbacks were used up): fail the MLflow run and say why, in one
     line, with where the last healthy checkpoint and the health report are."""
-    from orchestrator.train.health import TrainingStopped
-    from orchestrator.train.loop import STOP_REASON, STOPPED
-
     if not metrics.get(STOPPED):
         return
     if run:
-        from orchestrator.tracking.mlflow import close_run
-
-        close_run(run, status="FAILED")
+        tracking.close_run(run, status="FAILED")
     where = f"; last healthy checkpoint {checkpoint_uri}" if checkpoint_uri else ""
     report = f"; details: `ganforge report {name}`" if run else ""
     reason = str(metrics.get(STOP_REASON, "no reason recorded")).replace("\n", " ")
@@ -249,21 +272,15 @@ def _raise_if_stopped(metrics: dict[str, Any], name: str, checkpoint_uri: str | 
 
 def final_grid(checkpoint_dir: str, path: str, seed: int = 0) -> None:
     """The run's last G_ema on the training grid's fixed latents (the one loader of G_ema from a checkpoint)."""
-    from orchestrator.generator import Generator
-    from orchestrator.tracking.images import image_grid
-    from orchestrator.train.loop import fixed_latents
-
     gen, job = Generator.with_job_from_checkpoint(checkpoint_dir)
     cfg = JobConfig.from_dict(job)
     cfg.train.seed = seed
-    z, c = fixed_latents(gen, cfg, torch.device("cpu"))
+    z, c = fixed_latents(gen, cfg.train.grid_size, cfg.train.seed, torch.device("cpu"))
     image_grid(gen.sample(z, c), nrow=cfg.train.grid_size, scale=2).save(path)
 
 
 def _log_final(run, local_ckpt: str, grid_path: str, checkpoint_uri: str | None) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(run.tracking_uri)
+    client = tracking.client(run.tracking_uri, check=False)
     client.log_artifact(run.run_id, grid_path, "samples")
     client.log_artifacts(run.run_id, local_ckpt, "checkpoint")
     if checkpoint_uri:
@@ -273,17 +290,18 @@ def _log_final(run, local_ckpt: str, grid_path: str, checkpoint_uri: str | None)
 
 def _register(cfg: JobConfig, run, local_ckpt: str, log) -> None:
     """A failed registration does not fail the finished run: say so in one line, with the command to retry."""
-    from orchestrator.tracking.registry import register_run
+    from orchestrator.tracking.registry import register_run  # MLflow's model flavour loads only to register
 
     try:
-        register_run(run.run_id, model_name=cfg.tracking.model_name or cfg.model_name,
-                     tracking_uri=run.tracking_uri, checkpoint_dir=local_ckpt, log=log)  # fmt: skip
+        register_run(
+            run.run_id,
+            model_name=cfg.tracking.model_name or cfg.model_name,
+            tracking_uri=run.tracking_uri,
+            checkpoint_dir=local_ckpt,
+            log=log,
+        )
     except Exception as e:
-        log(f"model registry: not registered ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"retry with `ganforge models register {run.run_id}`")  # fmt: skip
-
-
-def _version() -> str:
-    from orchestrator import __version__
-
-    return __version__
+        log(
+            f"model registry: not registered ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"retry with `ganforge models register {run.run_id}`"
+        )

@@ -69,8 +69,13 @@ def measure(model: str, kwargs: dict, batch: int) -> dict:
     recipe.train_step(images, labels)
     step_s = time.perf_counter() - t0
     params = sum(p.numel() for m in (recipe.G, recipe.D) for p in m.parameters() if p.requires_grad)
-    return {"params": params, "grad_bytes": 4 * params, "flops_per_img": flops / batch, "cpu_step_s": step_s,
-            "cpu_batch": batch}  # fmt: skip
+    return {
+        "params": params,
+        "grad_bytes": 4 * params,
+        "flops_per_img": flops / batch,
+        "cpu_step_s": step_s,
+        "cpu_batch": batch,
+    }
 
 
 def allreduce_s(n: int, nbytes: float, net_gbit: float, alpha_s: float) -> float:
@@ -117,8 +122,14 @@ def main() -> None:
     for col in ("config", "params G+D", "grad MB", "GFLOP/img (step)", "CPU s/step", "CPU batch"):
         inputs.add_column(col, justify="right")
     for name, m in measured.items():
-        inputs.add_row(name, f"{m['params']:,}", f"{m['grad_bytes'] / 2**20:.1f}", f"{m['flops_per_img'] / 1e9:.2f}",
-                       f"{m['cpu_step_s']:.2f}", str(m["cpu_batch"]))  # fmt: skip
+        inputs.add_row(
+            name,
+            f"{m['params']:,}",
+            f"{m['grad_bytes'] / 2**20:.1f}",
+            f"{m['flops_per_img'] / 1e9:.2f}",
+            f"{m['cpu_step_s']:.2f}",
+            str(m["cpu_batch"]),
+        )
     console.print(inputs)
 
     rows = []
@@ -135,21 +146,48 @@ def main() -> None:
             effs = {n: efficiency(m, batch, n, gbit, args) for n in GPUS}
             k = accumulation_for(m, batch, 64, gbit, args)
             effic = {n: e for n, (_, e) in effs.items()}
-            rows.append({"config": name, "network": net, "batch_per_gpu": batch, "step_s_1": effs[1][0],
-                         "efficiency": effic, "accumulation_for_90pct_at_64": k})  # fmt: skip
-            table.add_row(f"{name} / {net}", str(batch), f"{effs[1][0] * 1e3:.2f} ms",
-                          *[f"{effs[n][1]:.0%}" for n in GPUS[1:]], str(k))  # fmt: skip
+            rows.append(
+                {
+                    "config": name,
+                    "network": net,
+                    "batch_per_gpu": batch,
+                    "step_s_1": effs[1][0],
+                    "efficiency": effic,
+                    "accumulation_for_90pct_at_64": k,
+                }
+            )
+            table.add_row(
+                f"{name} / {net}",
+                str(batch),
+                f"{effs[1][0] * 1e3:.2f} ms",
+                *[f"{effs[n][1]:.0%}" for n in GPUS[1:]],
+                str(k),
+            )
     console.print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"assumptions": vars(args) | {"nvlink_GBps": NVLINK_GBYTES, "bucket_bytes":
-                                   BUCKET_BYTES, "peak_flops": H100_BF16}, "measured": measured, "model": rows},
-                                  indent=2))  # fmt: skip
-    lines = ["| config | network | B/GPU | step @1 GPU | " + " | ".join(f"{n} GPUs" for n in GPUS[1:])
-             + " | accumulation for 90% @64 |", "|---" * (len(GPUS) + 4) + "|"]  # fmt: skip
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "assumptions": vars(args)
+                | {"nvlink_GBps": NVLINK_GBYTES, "bucket_bytes": BUCKET_BYTES, "peak_flops": H100_BF16},
+                "measured": measured,
+                "model": rows,
+            },
+            indent=2,
+        )
+    )
+    lines = [
+        "| config | network | B/GPU | step @1 GPU | "
+        + " | ".join(f"{n} GPUs" for n in GPUS[1:])
+        + " | accumulation for 90% @64 |",
+        "|---" * (len(GPUS) + 4) + "|",
+    ]
     for r in rows:
         effs = " | ".join(f"{r['efficiency'][n]:.0%}" for n in GPUS[1:])
-        lines.append(f"| {r['config']} | {r['network']} | {r['batch_per_gpu']} | {r['step_s_1'] * 1e3:.2f} ms | "
-                     f"{effs} | {r['accumulation_for_90pct_at_64']} |")  # fmt: skip
+        lines.append(
+            f"| {r['config']} | {r['network']} | {r['batch_per_gpu']} | {r['step_s_1'] * 1e3:.2f} ms | "
+            f"{effs} | {r['accumulation_for_90pct_at_64']} |"
+        )
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
     console.print(f"wrote {RESULTS} and {RESULTS.with_suffix('.md')}")
 

@@ -16,16 +16,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 from orchestrator.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BUCKET, PREFIX = "ganforge", "runs-health"
 # Tiny BigGAN, 10-step ticks, a checkpoint every 2 ticks; the guard armed after 3 ticks so a short run can use it.
-TINY = ["model.ch=8", "model.dim_z=32", "model.shared_dim=16", "data.batch_size=8", "train.grid_size=4",
-        "train.num_workers=2", "train.tick_steps=10", "train.checkpoint_ticks=2", "train.sample_ticks=100",
-        "train.keep_checkpoints=50", "health.warmup_ticks=3", "health.grad_min_history=3"]  # fmt: skip
+TINY = [
+    "model.ch=8",
+    "model.dim_z=32",
+    "model.shared_dim=16",
+    "data.batch_size=8",
+    "train.grid_size=4",
+    "train.num_workers=2",
+    "train.tick_steps=10",
+    "train.checkpoint_ticks=2",
+    "train.sample_ticks=100",
+    "train.keep_checkpoints=50",
+    "health.warmup_ticks=3",
+    "health.grad_min_history=3",
+]
 CLI = str(Path(sys.executable).parent / "ganforge")
 
 
@@ -44,24 +55,33 @@ def mlflow_client(stack):
 
 
 def job(stack, dataset, name: str, extra: list[str]) -> subprocess.CompletedProcess:
-    args = [f"data.dataset={dataset}", f"train.storage_path=s3://{BUCKET}/{PREFIX}", f"train.name={name}", *TINY,
-            *extra]  # fmt: skip
+    args = [
+        f"data.dataset={dataset}",
+        f"train.storage_path=s3://{BUCKET}/{PREFIX}",
+        f"train.name={name}",
+        *TINY,
+        *extra,
+    ]
     env = {**os.environ, "RAY_ADDRESS": stack.ray_gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.run([sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def checkpoint_states(s3, name: str) -> list[dict]:
     """Every checkpoint's state.pt of run ``name``, oldest first (Ray names them by time)."""
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/{name}/").get("Contents", [])]
     dirs = sorted({k.rsplit("/", 1)[0] for k in keys if k.endswith(ckpt.META)})
-    return [torch.load(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=f"{d}/{ckpt.STATE}")["Body"].read()),
-                       weights_only=False) for d in dirs]  # fmt: skip
+    return [
+        torch.load(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=f"{d}/{ckpt.STATE}")["Body"].read()), weights_only=False)
+        for d in dirs
+    ]
 
 
 def the_run(client, name: str):
-    runs = client.search_runs([client.get_experiment_by_name("biggan").experiment_id],
-                              f"tags.`ganforge.run_name` = '{name}'")  # fmt: skip
+    runs = client.search_runs(
+        [client.get_experiment_by_name("biggan").experiment_id], f"tags.`ganforge.run_name` = '{name}'"
+    )
     assert len(runs) == 1
     return runs[0]
 
@@ -149,8 +169,12 @@ def test_no_rollbacks_left_stops_the_run_with_a_one_line_reason(stack, s3, datas
     assert run.info.status == "FAILED"
     assert run.data.tags["health.status"] == "stopped" and "non-finite" in run.data.tags["health.stop_reason"]
     assert history(mlflow_client, run.info.run_id, "health/stopped") == [(40, 1.0)]
-    cli = subprocess.run([CLI, "report", run.info.run_id, "--experiment", "biggan", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    cli = subprocess.run(
+        [CLI, "report", run.info.run_id, "--experiment", "biggan", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stderr
     assert "**stopped** at step 40 after 0 rollback(s): nonfinite" in cli.stdout
 

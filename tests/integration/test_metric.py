@@ -12,14 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.ch=8", "model.dim_z=32", "model.shared_dim=16", "data.batch_size=8", "train.tick_steps=2",
-        "train.grid_size=4", "train.num_workers=2", "train.steps=8", "train.checkpoint_ticks=100",
-        "train.metric=fd_classifier", "train.metric_kimg=0.064", "train.metric_n=200", "train.metric_ref_n=1000",
-        "tracking.register=false"]  # fmt: skip
+TINY = [
+    "model.ch=8",
+    "model.dim_z=32",
+    "model.shared_dim=16",
+    "data.batch_size=8",
+    "train.tick_steps=2",
+    "train.grid_size=4",
+    "train.num_workers=2",
+    "train.steps=8",
+    "train.checkpoint_ticks=100",
+    "train.metric=fd_classifier",
+    "train.metric_kimg=0.064",
+    "train.metric_n=200",
+    "train.metric_ref_n=1000",
+    "tracking.register=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +42,17 @@ def dataset(stack):
 
 
 def run(stack, dataset: str, name: str, extra: tuple[str, ...] = ()) -> str:
-    args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-metric", f"train.name={name}", *TINY,
-            *extra]  # fmt: skip
+    args = [
+        f"data.dataset={dataset}",
+        "train.storage_path=s3://ganforge/runs-metric",
+        f"train.name={name}",
+        *TINY,
+        *extra,
+    ]
     env = {**os.environ, "RAY_ADDRESS": stack.ray_gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.run([sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, text=True, capture_output=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc.stdout
 
@@ -94,8 +112,12 @@ def test_fid_during_training_with_the_inception_network(stack, s3, dataset):
     stats_before, sets_before = keys("feature-stats"), keys("feature-sets")
     name = f"fid-{uuid.uuid4().hex[:6]}"
     # 8 steps × 8 images × 2 workers = 0.128 kimg: one evaluation, at the end
-    out = run(stack, dataset, name, ("train.metric=fid", "train.metric_kimg=0.128", "train.metric_n=64",
-                                     "train.metric_ref_n=128"))  # fmt: skip
+    out = run(
+        stack,
+        dataset,
+        name,
+        ("train.metric=fid", "train.metric_kimg=0.128", "train.metric_n=64", "train.metric_ref_n=128"),
+    )
     assert " fid " in out  # the rank-0 progress line
 
     client = MlflowClient(stack.mlflow_url)

@@ -17,14 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 from orchestrator.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.ch=8", "model.dim_z=32", "model.shared_dim=16", "data.batch_size=8", "train.grid_size=4",
-        "train.keep_checkpoints=10", "tracking.enabled=false", "train.placement_strategy=STRICT_SPREAD",
-        "train.tick_steps=2", "train.checkpoint_ticks=1"]  # fmt: skip
+TINY = [
+    "model.ch=8",
+    "model.dim_z=32",
+    "model.shared_dim=16",
+    "data.batch_size=8",
+    "train.grid_size=4",
+    "train.keep_checkpoints=10",
+    "tracking.enabled=false",
+    "train.placement_strategy=STRICT_SPREAD",
+    "train.tick_steps=2",
+    "train.checkpoint_ticks=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +64,34 @@ def rank_states(s3, prefix: str) -> dict[str, list[dict]]:
 
 def test_ray_job_submit_places_one_worker_per_node(cluster, s3, dataset):
     name = f"mn-{uuid.uuid4().hex[:6]}"
-    args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-mn", f"train.name={name}",
-            "train.num_workers=3", "train.steps=4", *TINY]  # fmt: skip
+    args = [
+        f"data.dataset={dataset}",
+        "train.storage_path=s3://ganforge/runs-mn",
+        f"train.name={name}",
+        "train.num_workers=3",
+        "train.steps=4",
+        *TINY,
+    ]
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.ray_url,
-         "--working-dir", str(REPO), "--", "python", "jobs/biggan.py", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster.ray_url,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "jobs/biggan.py",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     states = rank_states(s3, f"runs-mn/{name}/")
     last = states[max(states)]
@@ -75,11 +104,24 @@ def test_ray_job_submit_places_one_worker_per_node(cluster, s3, dataset):
 
 def test_run_survives_losing_a_whole_node(cluster, s3, dataset):
     name = f"mn-loss-{uuid.uuid4().hex[:6]}"
-    args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-mn", f"train.name={name}",
-            "train.num_workers=2", "train.steps=10", "train.max_failures=3", *TINY]  # fmt: skip
+    args = [
+        f"data.dataset={dataset}",
+        "train.storage_path=s3://ganforge/runs-mn",
+        f"train.name={name}",
+        "train.num_workers=2",
+        "train.steps=10",
+        "train.max_failures=3",
+        *TINY,
+    ]
     env = {**os.environ, "RAY_ADDRESS": cluster.ray_gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/biggan.py", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300
     victim = None
     while victim is None:  # the first checkpoint tells which nodes the workers are on; kill a non-head one
@@ -94,8 +136,10 @@ def test_run_survives_losing_a_whole_node(cluster, s3, dataset):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-5000:]
     states = rank_states(s3, f"runs-mn/{name}/")
-    final = torch.load(io.BytesIO(s3.get_object(Bucket="ganforge", Key=f"{max(states)}/{ckpt.STATE}")["Body"]
-                                  .read()), weights_only=False)  # fmt: skip
+    final = torch.load(
+        io.BytesIO(s3.get_object(Bucket="ganforge", Key=f"{max(states)}/{ckpt.STATE}")["Body"].read()),
+        weights_only=False,
+    )
     assert final["step"] == 10
     survivors = {cluster.node_name(r["node_id"]) for r in states[max(states)]}
     assert victim not in survivors and len(survivors) == 2

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from orchestrator.config import build_config
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -85,18 +85,30 @@ def pool():
 
 def evaluator(dataset: str, recipe, **train):
     from orchestrator.data import s3
-    from orchestrator.data.shards import manifest_hash
     from orchestrator.env import Env
     from orchestrator.train.evaluation import Evaluator
 
-    overrides = [f"data.dataset={dataset}", "train.metric=fd_classifier", f"train.metric_n={N}",
-                 "train.metric_ref_n=1200", f"train.pr_n={N}"]  # fmt: skip
+    overrides = [
+        f"data.dataset={dataset}",
+        "train.metric=fd_classifier",
+        f"train.metric_n={N}",
+        "train.metric_ref_n=1200",
+        f"train.pr_n={N}",
+    ]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     cfg = build_config("biggan", overrides=overrides)
     env = Env.from_environ()
     manifest = s3.check_prefix(dataset, env)
-    return Evaluator(cfg, recipe, rank=0, world=1, device=torch.device("cpu"), env=env, manifest=manifest,
-                     manifest_hash=manifest_hash(manifest))  # fmt: skip
+    return Evaluator(
+        cfg,
+        recipe,
+        rank=0,
+        world=1,
+        device=torch.device("cpu"),
+        env=env,
+        manifest=manifest,
+        manifest_hash=manifest.hash,
+    )
 
 
 def test_signals_tell_fresh_data_from_partial_and_total_collapse(stack, s3, pool):
@@ -107,12 +119,12 @@ def test_signals_tell_fresh_data_from_partial_and_total_collapse(stack, s3, pool
     ensure_classifier(dataset, progress=False)  # what the driver's preflight does for fd_classifier
 
     faithful = evaluator(dataset, ImagePool(images, labels))
-    value = faithful.evaluate()
-    real = faithful.last_signals
+    first = faithful.evaluate()
+    value, real = first.value, first.signals
     # coverage comes from the metric's own network (logits from the features already computed); the first
     # evaluation cached the real feature set beside the statistics
     assert faithful.signals_skipped == {} and faithful.classifier() is faithful.extractor
-    assert faithful.ref_cached is False
+    assert first.ref_cached is False and first.reference_note.startswith("computed in")
     assert len(objects(s3, dataset, "feature-stats")) == 1 and len(objects(s3, dataset, "feature-sets")) == 1
     assert math.isfinite(value) and value > 0
     assert {"precision", "recall", "diversity", "coverage", "accuracy"} <= set(real)
@@ -121,13 +133,15 @@ def test_signals_tell_fresh_data_from_partial_and_total_collapse(stack, s3, pool
     assert real["precision"] > 0.7 and real["recall"] > 0.7
     assert real["diversity"] == pytest.approx(1.0, abs=0.15)
     assert real["coverage"] == 1.0 and real["accuracy"] > 0.6
-    assert faithful.last_class_report["n"] == N
+    assert first.class_report["n"] == N
 
     # only trousers, sneakers and bags (shapes unlike the rest), whatever class is asked for
     three = evaluator(dataset, ImagePool(images, labels, class_map=[1, 1, 1, 1, 7, 7, 7, 7, 8, 8]))
-    three.evaluate()
-    part = three.last_signals
-    assert three.ref_cached is True  # statistics and feature set from S3 this time
+    again = three.evaluate()
+    part = again.signals
+    assert (
+        again.ref_cached is True and again.reference_note == "cached in S3"
+    )  # statistics and feature set from S3 this time
     assert part["precision"] > 0.7  # still real images ...
     # ... of only 3 classes: much of the data is never made. Not 3/10 of the recall: k-NN balls around the
     # outermost generated points are wide and take in nearby classes (the metric's known outlier sensitivity)
@@ -137,15 +151,17 @@ def test_signals_tell_fresh_data_from_partial_and_total_collapse(stack, s3, pool
 
     single = images[labels == 0][:1]
     collapsed = evaluator(dataset, ImagePool(single.expand(10, -1, -1, -1), torch.arange(10)))
-    collapsed.evaluate()
-    dead = collapsed.last_signals
+    dead = collapsed.evaluate().signals
     assert dead["recall"] <= 1 / N and dead["diversity"] == pytest.approx(0.0, abs=1e-6)
     assert dead["coverage"] == pytest.approx(0.1) and dead["accuracy"] <= 0.15
     for signals in (real, part, dead):
         assert all(0.0 <= v <= 1.0 for k, v in signals.items() if k != "diversity")
 
     off = evaluator(dataset, ImagePool(images, labels), quality_signals="false")
-    assert off.evaluate() == value and off.last_signals == {}  # the metric itself does not change
+    plain = off.evaluate()
+    assert (
+        plain.value == value and plain.signals == {} and plain.class_report is None
+    )  # the metric itself does not change
 
 
 # ----------------------------------------------------------------------------------------- 2 Ray Train workers
@@ -155,7 +171,6 @@ def _eval_worker(config: dict) -> None:
     import gan_models
     from orchestrator.config import JobConfig
     from orchestrator.data import s3
-    from orchestrator.data.shards import manifest_hash
     from orchestrator.env import Env
     from orchestrator.train.evaluation import Evaluator
 
@@ -170,11 +185,22 @@ def _eval_worker(config: dict) -> None:
     manifest = s3.check_prefix(cfg.data.dataset, env)
 
     def evaluate(ev: Evaluator) -> dict:
-        value = ev.evaluate()
-        return {"value": value, "signals": ev.last_signals, "cached": ev.ref_cached, "skipped": ev.signals_skipped}
+        result = ev.evaluate()
+        return {
+            "value": result.value,
+            "signals": result.signals,
+            "cached": result.ref_cached,
+            "skipped": ev.signals_skipped,
+        }
 
-    kw = dict(rank=rank, world=world, device=torch.device("cpu"), env=env, manifest=manifest,
-              manifest_hash=manifest_hash(manifest))  # fmt: skip
+    kw = dict(
+        rank=rank,
+        world=world,
+        device=torch.device("cpu"),
+        env=env,
+        manifest=manifest,
+        manifest_hash=manifest.hash,
+    )
     first = Evaluator(cfg, recipe, **kw)
     runs = [evaluate(first), evaluate(first), evaluate(Evaluator(cfg, recipe, **kw))]
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(runs))
@@ -188,8 +214,18 @@ def _two_workers(dataset: str, out: str) -> None:
     from orchestrator.train.trainer import connect_ray
 
     # fid: the Inception features (2048-d) and a domain classifier that only the signals need, so rank 0 trains it
-    cfg = build_config("biggan", BIGGAN_YAML, [f"data.dataset={dataset}", "train.metric=fid", "train.metric_n=65",
-                                            "train.metric_ref_n=64", "train.pr_n=48", *TINY_BIGGAN])  # fmt: skip
+    cfg = build_config(
+        "biggan",
+        BIGGAN_YAML,
+        [
+            f"data.dataset={dataset}",
+            "train.metric=fid",
+            "train.metric_n=65",
+            "train.metric_ref_n=64",
+            "train.pr_n=48",
+            *TINY_BIGGAN,
+        ],
+    )
     connect_ray(cfg, Env.from_environ())
     TorchTrainer(
         _eval_worker,
@@ -202,8 +238,14 @@ def _two_workers(dataset: str, out: str) -> None:
 def test_two_workers_get_identical_signals_and_reuse_the_cached_feature_set(stack, s3, tmp_path):
     dataset = dataset_uri(1200)  # a fresh dataset: rank 0 trains its classifier, rank 1 loads it
     env = {**os.environ, "RAY_ADDRESS": stack.ray_gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.run([sys.executable, __file__, dataset, str(tmp_path)], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, dataset, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # metric, signals, cache state: identical on every rank

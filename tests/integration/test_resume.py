@@ -19,13 +19,21 @@ import psutil
 import pytest
 import torch
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 from orchestrator.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.ch=8", "model.dim_z=32", "model.shared_dim=16", "data.batch_size=8", "train.grid_size=4",
-        "train.keep_checkpoints=10", "tracking.enabled=false", "train.num_workers=2"]  # fmt: skip
+TINY = [
+    "model.ch=8",
+    "model.dim_z=32",
+    "model.shared_dim=16",
+    "data.batch_size=8",
+    "train.grid_size=4",
+    "train.keep_checkpoints=10",
+    "tracking.enabled=false",
+    "train.num_workers=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +44,23 @@ def dataset(stack):
 
 
 def start(stack, dataset, name: str, steps: int, extra=()) -> subprocess.Popen:
-    args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-resume", f"train.name={name}",
-            f"train.steps={steps}", *TINY, *extra]  # fmt: skip
+    args = [
+        f"data.dataset={dataset}",
+        "train.storage_path=s3://ganforge/runs-resume",
+        f"train.name={name}",
+        f"train.steps={steps}",
+        *TINY,
+        *extra,
+    ]
     env = {**os.environ, "RAY_ADDRESS": stack.ray_gcs_address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.Popen([sys.executable, "jobs/biggan.py", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "jobs/biggan.py", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> str:

@@ -14,39 +14,73 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.writer import write_shards
 from orchestrator.stack import free_ports
 from orchestrator.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.ch=8", "model.dim_z=32", "model.shared_dim=16", "data.batch_size=8", "train.tick_steps=2",
-        "train.checkpoint_ticks=1", "train.grid_size=4", "train.keep_checkpoints=5"]  # fmt: skip
+TINY = [
+    "model.ch=8",
+    "model.dim_z=32",
+    "model.shared_dim=16",
+    "data.batch_size=8",
+    "train.tick_steps=2",
+    "train.checkpoint_ticks=1",
+    "train.grid_size=4",
+    "train.keep_checkpoints=5",
+]
 
 
 @pytest.fixture(scope="module")
 def dataset(stack):
     uri = f"s3://ganforge/datasets/spine-{uuid.uuid4().hex[:6]}"
     manifest = write_shards("fashion-mnist", uri, max_samples=2400, samples_per_shard=600, progress=False)
-    assert len(manifest["shards"]) == 4
+    assert len(manifest.shards) == 4
     return uri
 
 
 def job(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "jobs/biggan.py", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "jobs/biggan.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def test_ray_job_submit_trains_with_two_workers(stack, s3, dataset, tmp_path):
     name = f"spine-{uuid.uuid4().hex[:6]}"
-    args = [f"data.dataset={dataset}", "train.storage_path=s3://ganforge/runs-test", f"train.name={name}",
-            "train.num_workers=2", "train.steps=6", *TINY]  # fmt: skip
+    args = [
+        f"data.dataset={dataset}",
+        "train.storage_path=s3://ganforge/runs-test",
+        f"train.name={name}",
+        "train.num_workers=2",
+        "train.steps=6",
+        *TINY,
+    ]
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_url,
-         "--working-dir", str(REPO), "--", "python", "jobs/biggan.py", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            stack.ray_url,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "jobs/biggan.py",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "MLflow run" in proc.stdout and "final samples" in proc.stdout
 
@@ -134,7 +168,11 @@ def test_bad_input_fails_in_one_line_before_training(stack, dataset, case):
 
 def test_unknown_dataset_fails_in_one_line(stack):
     cli = str(Path(sys.executable).parent / "ganforge")
-    proc = subprocess.run([cli, "shards", "--dataset", "imagenet-99", "--out", "s3://ganforge/datasets/x"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [cli, "shards", "--dataset", "imagenet-99", "--out", "s3://ganforge/datasets/x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "imagenet-99" in proc.stderr and "fashion-mnist" in proc.stderr

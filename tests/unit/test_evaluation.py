@@ -50,10 +50,12 @@ def test_metric_names_map_to_extractors():
 
 @pytest.mark.parametrize(
     "override, message",
-    [("train.metric=fd_nope", "train.metric='fd_nope' is invalid; expected fd_classifier or fid"),
-     ("train.metric_kimg=-1", "train.metric_kimg=-1.0 is invalid"),
-     ("train.metric_n=1", "train.metric_n=1 is invalid")],
-)  # fmt: skip
+    [
+        ("train.metric=fd_nope", "train.metric='fd_nope' is invalid; expected fd_classifier or fid"),
+        ("train.metric_kimg=-1", "train.metric_kimg=-1.0 is invalid"),
+        ("train.metric_n=1", "train.metric_n=1 is invalid"),
+    ],
+)
 def test_metric_config_errors_are_one_line(override, message):
     with pytest.raises(ConfigError) as e:
         build_config("biggan", overrides=[override])
@@ -63,7 +65,11 @@ def test_metric_config_errors_are_one_line(override, message):
 def test_metric_config_defaults():
     cfg = build_config("biggan", overrides=["train.metric=fd_classifier", "train.metric_kimg=2.5"])
     assert (cfg.train.metric, cfg.train.metric_kimg, cfg.train.metric_n, cfg.train.metric_ref_n) == (
-        "fd_classifier", 2.5, 2000, 10000)  # fmt: skip
+        "fd_classifier",
+        2.5,
+        2000,
+        10000,
+    )
     assert build_config("biggan").train.metric_kimg == 0  # off unless asked for
 
 

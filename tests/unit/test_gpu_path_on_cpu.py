@@ -90,8 +90,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("model,hp", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in h.items()) or 'defaults'}"
-                                                  for m, h in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "model,hp", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in h.items()) or 'defaults'}" for m, h in CASES]
+)
 def test_every_loss_option_trains_under_ddp_exactly_as_one_process(process_group, model, hp):
     """DDP (find_unused_parameters=False, as Ray's prepare_model builds it) needs a gradient for every parameter in
     every synchronised backward: penalties on ∇ₓD never reach D's output bias, noise_mode=none never uses the noise
@@ -198,12 +199,15 @@ def test_load_optimizer_state_leaves_fused_and_capturable_steps_where_they_are()
 
 
 # ------------------------------------------------------------------------------ 6. host syncs per training step
-@pytest.mark.parametrize("model,hp,expected", [
-    ("biggan", {}, [2, 2, 2]),  # the finite checks of the D and the G step
-    ("biggan", {"r1_gamma": 1.0, "loss": "wgan", "n_d": 2}, [1, 2, 1]),  # G every second step
-    # Gmain, Dmain every step; Greg and Dreg on their intervals (0, 2, …); ADA's p update every 2 steps reads 2
-    ("stylegan2", {"pl_interval": 2, "r1_interval": 2, "augment": "ada", "ada_interval": 2}, [4, 2 + 2, 4]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model,hp,expected",
+    [
+        ("biggan", {}, [2, 2, 2]),  # the finite checks of the D and the G step
+        ("biggan", {"r1_gamma": 1.0, "loss": "wgan", "n_d": 2}, [1, 2, 1]),  # G every second step
+        # Gmain, Dmain every step; Greg and Dreg on their intervals (0, 2, …); ADA's p update every 2 steps reads 2
+        ("stylegan2", {"pl_interval": 2, "r1_interval": 2, "augment": "ada", "ada_interval": 2}, [4, 2 + 2, 4]),
+    ],
+)
 def test_a_training_step_reads_the_device_only_for_its_finite_checks(model, hp, expected):
     """Every step metric stays a device tensor (the loop reads a tick's worth at once): a GPU step waits for the host
     only where it must decide something, whether an optimiser step is finite (and ADA's p, once per interval)."""

@@ -27,8 +27,7 @@ gpu_smoke = _load()
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run its stages")
 def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
     out = tmp_path / "gpu_smoke.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout

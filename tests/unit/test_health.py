@@ -8,14 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from gan_models.steps import grad_norm, sign_accuracy
 from orchestrator.train.health import (
     HealthConfig,
     HealthEvent,
     HealthMonitor,
-    grad_norm,
     health_plot,
     health_report_markdown,
-    sign_accuracy,
 )
 
 BASE_LRS = {"G": 1e-4, "D": 4e-4}

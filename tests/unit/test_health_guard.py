@@ -15,18 +15,21 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from orchestrator.config import ConfigError, build_config
-from orchestrator.report import events_from_history, history_from_points, write_report
+from orchestrator.train.checkpoint import copy_state
+from orchestrator.train.ddp import reduce_tick
 from orchestrator.train.health import (
     FireDrill,
     HealthConfig,
     HealthEvent,
     HealthMonitor,
     ema_drift,
+    events_from_history,
     events_note,
+    history_from_points,
     loss_ratio,
     parse_fire_drill,
+    write_report,
 )
-from orchestrator.train.loop import copy_state, reduce_tick
 
 
 # ------------------------------------------------------------------------------------------------- fire drills
@@ -44,10 +47,11 @@ def test_fire_drill_parsing(spec, drill):
     assert HealthConfig(fire_drill=spec).drill == drill
 
 
-@pytest.mark.parametrize(
-    "spec", ["lr_spike@200", "lr_spike@200x1", "lr_spike@200x0.5", "lr_spike@200xinf", "lr_spike@0x10",
-             "lr_spike@-5x10", "nan@30x2", "nan@", "nan", "explode@10", "lr_spike@ax10", "@10"],
-)  # fmt: skip
+BAD_DRILLS = ["lr_spike@200", "lr_spike@200x1", "lr_spike@200x0.5", "lr_spike@200xinf", "lr_spike@0x10"]
+BAD_DRILLS += ["lr_spike@-5x10", "lr_spike@ax10", "nan@30x2", "nan@", "nan", "explode@10", "@10"]
+
+
+@pytest.mark.parametrize("spec", BAD_DRILLS)
 def test_fire_drill_rejects_bad_specs_in_one_line(spec):
     with pytest.raises(ValueError) as e:
         parse_fire_drill(spec)
@@ -61,6 +65,23 @@ def test_fire_drill_is_a_config_override():
     assert FireDrill("lr_spike", 200, 1e4).describe() == "learning rates × 1e+04 after step 200"
     with pytest.raises(ConfigError, match=r"^health.fire_drill='lr_spike@200' is invalid; expected"):
         build_config("biggan", overrides=["health.fire_drill=lr_spike@200"])
+
+
+class _DrillRecipe:
+    def __init__(self) -> None:
+        self.G = nn.Linear(2, 2)
+        self.lr_scale = 1.0
+
+    def set_lr_scale(self, scale: float) -> None:
+        self.lr_scale = scale
+
+
+def test_fire_drill_spikes_the_lr_scale_or_poisons_a_g_weight():
+    recipe = _DrillRecipe()
+    FireDrill("lr_spike", 10, 1e4).apply(recipe, lr_scale=0.5)  # on top of the scale in force (one rollback)
+    assert recipe.lr_scale == 5e3 and torch.isfinite(recipe.G.weight).all()
+    FireDrill("nan", 10).apply(recipe, lr_scale=0.5)
+    assert torch.isnan(recipe.G.weight).all() and torch.isfinite(recipe.G.bias).all()
 
 
 # ------------------------------------------------------------------------------------------------- extra signals
@@ -103,12 +124,12 @@ def _reduce_worker(rank: int, port: int, world: int, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        # rank 0: 2 steps, a G step on each; rank 1: 2 steps, one G step, a NaN D logit and a skipped step
-        sums = [{"loss/D": 1.0 + 2.0, "loss/G": 4.0 + 6.0, "D/real": 1.0, "health/nonfinite": 0.0},
-                {"loss/D": 3.0 + 5.0, "loss/G": 8.0, "D/real": math.nan, "health/nonfinite": 1.0,
-                 "only/rank1": 7.0}][rank]  # fmt: skip
-        counts = [{"loss/D": 2, "loss/G": 2, "D/real": 2, "health/nonfinite": 2},
-                  {"loss/D": 2, "loss/G": 1, "D/real": 2, "health/nonfinite": 2, "only/rank1": 1}][rank]  # fmt: skip
+        if rank == 0:  # 2 steps, a G step on each
+            sums = {"loss/D": 1.0 + 2.0, "loss/G": 4.0 + 6.0, "D/real": 1.0, "health/nonfinite": 0.0}
+            counts = {"loss/D": 2, "loss/G": 2, "D/real": 2, "health/nonfinite": 2}
+        else:  # 2 steps, one G step, a NaN D logit and a skipped step
+            sums = {"loss/D": 3.0 + 5.0, "loss/G": 8.0, "D/real": math.nan, "health/nonfinite": 1.0, "only/rank1": 7.0}
+            counts = {"loss/D": 2, "loss/G": 1, "D/real": 2, "health/nonfinite": 2, "only/rank1": 1}
         out.put((rank, reduce_tick(sums, counts)))
     finally:
         dist.destroy_process_group()
@@ -162,9 +183,17 @@ def test_snapshot_survives_training_and_restores_twice_exactly():
 
 # ------------------------------------------------------------------------------------------------- MLflow note
 def _event(step: int, action: str = "rollback") -> HealthEvent:
-    return HealthEvent(step // 10, step, "grad_explosion", ["grad_explosion"], {"health/grad_norm_G": 670.0},
-                       f"health/grad_norm_G 670 > 10× its median → rollback at {step}", action, 0.5,
-                       {"G": 5e-4, "D": 5e-4})  # fmt: skip
+    return HealthEvent(
+        step // 10,
+        step,
+        "grad_explosion",
+        ["grad_explosion"],
+        {"health/grad_norm_G": 670.0},
+        f"health/grad_norm_G 670 > 10× its median → rollback at {step}",
+        action,
+        0.5,
+        {"G": 5e-4, "D": 5e-4},
+    )
 
 
 def test_events_note_lists_events_and_keeps_the_newest_within_the_limit():
@@ -185,7 +214,12 @@ def test_history_from_points_splits_repeated_steps_and_marks_rollbacks():
     points.append((2000 + 5, 20, "fid", 40.0))  # an evaluation logged just after its tick joins that tick
     history = history_from_points(reversed(points))
     assert [(h["tick"], h["step"], h["loss/D"]) for h in history] == [
-        (1, 10, 1.0), (2, 20, 2.0), (3, 30, 90.0), (4, 20, 1.5), (5, 30, 1.2)]  # fmt: skip
+        (1, 10, 1.0),
+        (2, 20, 2.0),
+        (3, 30, 90.0),
+        (4, 20, 1.5),
+        (5, 30, 1.2),
+    ]
     assert history[1]["fid"] == 40.0 and "fid" not in history[3]
     assert [h.get("action") for h in history] == [None, None, None, "rollback", None]
     events = events_from_history(history)
