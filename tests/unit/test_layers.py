@@ -15,6 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("gan_models", "orchestrator")
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
 KNOWN_CYCLES: set[frozenset[str]] = set()  # none left; a cycle someone must accept goes here, with its reason
 
 
@@ -97,8 +98,13 @@ def cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
 
 def test_gan_models_imports_nothing_from_orchestrator():
     graph = import_graph()
-    upward = sorted(f"{m} → {t}" for m, ts in graph.items() if m.startswith("gan_models") for t in ts
-                    if t.startswith("orchestrator"))  # fmt: skip
+    upward = sorted(
+        f"{m} → {t}"
+        for m, ts in graph.items()
+        if m.startswith("gan_models")
+        for t in ts
+        if t.startswith("orchestrator")
+    )
     assert not upward, f"gan_models must not import orchestrator: {upward}"
 
 
@@ -108,6 +114,33 @@ def test_no_import_cycles_beyond_the_known_ones():
     gone = [sorted(c) for c in KNOWN_CYCLES - found]
     assert not new, f"new import cycle(s): {new}"
     assert not gone, f"cycle(s) broken, remove them from KNOWN_CYCLES: {gone}"
+
+
+def oversized(root: Path = REPO) -> list[str]:
+    """Product files over MAX_FILE_LINES and functions over MAX_FUNCTION_LINES, as ``path[:function] (lines)``."""
+    found = []
+    for path in sorted(p for package in (*PACKAGES, "jobs") for p in (root / package).rglob("*.py")):
+        text = path.read_text()
+        rel, lines = path.relative_to(root), text.count("\n")
+        if lines > MAX_FILE_LINES:
+            found.append(f"{rel} ({lines} lines)")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{rel}:{node.name} ({length} lines)")
+    return found
+
+
+def test_no_file_over_500_lines_and_no_function_over_80():
+    assert not oversized(), f"split these (limits {MAX_FILE_LINES} / {MAX_FUNCTION_LINES} lines): {oversized()}"
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    (tmp_path / "orchestrator").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "orchestrator" / "long.py").write_text(f"def long():\n{body}")
+    assert oversized(tmp_path) == [f"orchestrator/long.py:long ({MAX_FUNCTION_LINES + 1} lines)"]
 
 
 def test_the_scan_sees_an_upward_import_and_a_cycle(tmp_path):
