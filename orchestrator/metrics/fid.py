@@ -9,14 +9,13 @@ cached (``to_bytes``, under ``reference_key``) by ``orchestrator.train.evaluatio
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
+from orchestrator.hashing import sha256_json
 from orchestrator.metrics.features import FeatureExtractor, ImageBatch
 
 REQUIRED_KEY_PARTS = ("manifest", "network", "resolution", "n")
@@ -175,5 +174,4 @@ def reference_key(key_parts: Mapping[str, object], folder: str = "feature-stats"
     missing = [k for k in REQUIRED_KEY_PARTS if k not in key_parts]
     if missing:
         raise ValueError(f"reference stats key lacks {missing}; need {list(REQUIRED_KEY_PARTS)}")
-    blob = json.dumps(dict(key_parts), sort_keys=True, separators=(",", ":"), default=str)
-    return f"{folder}/{hashlib.sha256(blob.encode()).hexdigest()}.npz"
+    return f"{folder}/{sha256_json(dict(key_parts))}.npz"

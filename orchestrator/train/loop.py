@@ -251,10 +251,8 @@ class TrainLoop:
                 improved = result.value < self.quality.best
                 ckpt_name = f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"  # Ray uses rank 0's name
                 if improved:
-                    self.quality.best, self.quality.best_checkpoint = (
-                        result.value,
-                        f"{self.ctx.storage_uri}/{ckpt_name}",
-                    )
+                    self.quality.best = result.value
+                    self.quality.best_checkpoint = f"{self.ctx.storage_uri}/{ckpt_name}"
         if self.evaluator:
             # Carry the last value (+inf before the first one). Checkpoints are scored by checkpoint/<metric>: the
             # value of exactly these weights, +inf if unmeasured.
@@ -273,10 +271,8 @@ class TrainLoop:
         bad_step = self.step
         if verdict.action in (ROLLBACK, STOP):
             self.roll_back()
-            if self.evaluator:
-                metrics[f"checkpoint/{self.metric}"] = (
-                    math.inf
-                )  # the checkpoint below holds restored, unmeasured weights
+            if self.evaluator:  # the checkpoint below holds restored, unmeasured weights
+                metrics[f"checkpoint/{self.metric}"] = math.inf
         if verdict.action == ROLLBACK:
             self.recipe.set_lr_scale(verdict.lr_scale)
             lrs = ", ".join(f"{k} {v:.3g}" for k, v in (verdict.lrs or {}).items())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import JobConfig, build_config, default_config
+from orchestrator.data import s3
 from orchestrator.data.manifest import Manifest
 from orchestrator.env import Env
 from orchestrator.tracking import mlflow as tracking
@@ -240,7 +241,7 @@ def _tuner(sweep: SweepConfig, base: JobConfig, parent: tracking.RunInfo | None,
     import ray
     from ray import tune
 
-    trials_storage = f"{base.train.storage_path.rstrip('/')}/{sweep.name}"
+    trials_storage = s3.join_uri(base.train.storage_path, sweep.name)
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = sweep.max_concurrent_trials or max(1, int(cpus // (sweep.num_workers * sweep.cpus_per_worker)))
     trainable = tune.with_parameters(
