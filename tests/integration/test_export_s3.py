@@ -38,6 +38,11 @@ N, PER_SHARD, SEED, TRUNC = 50, 12, 7, 0.8  # shards of 12, 12, 12, 12, 2
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
+def export_args(n: int = N, seed: int = SEED) -> list[str]:
+    """`ganforge sample … --to` options of the export the tests make (and variations of it)."""
+    return ["--n", str(n), "--seed", str(seed), "--truncation", str(TRUNC), "--shard-size", str(PER_SHARD)]
+
+
 @pytest.fixture(scope="module")
 def tag():
     return uuid.uuid4().hex[:6]
@@ -228,21 +233,7 @@ def test_interrupted_export_resumes_shard_by_shard(s3, model, full, tag):
     bucket, prefix = uri[5:].split("/", 1)
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/train-000003.tar")
     time.sleep(1.1)
-    argv = [
-        "sample",
-        source,
-        "--n",
-        str(N),
-        "--seed",
-        str(SEED),
-        "--truncation",
-        str(TRUNC),
-        "--shard-size",
-        str(PER_SHARD),
-        "--to",
-        uri,
-    ]
-    assert cli.main(argv) == 0
+    assert cli.main(["sample", source, *export_args(), "--to", uri]) == 0
     third = objects(s3, uri)
     assert set(third) == set(after)
     changed = sorted(k for k in third if third[k]["LastModified"] != after[k]["LastModified"])
@@ -269,21 +260,7 @@ def test_other_datasets_are_refused_in_one_line(s3, model, full, tag, capsys):
     base = ["--n", str(N), "--truncation", str(TRUNC), "--shard-size", str(PER_SHARD)]
     err = refused([source, *base, "--seed", "8", "--to", full_uri])
     assert f"{full_uri} already holds another synthetic export (seed 7 there, 8 asked)" in err and "--overwrite" in err
-    err = refused(
-        [
-            source,
-            "--n",
-            "20",
-            "--seed",
-            str(SEED),
-            "--truncation",
-            str(TRUNC),
-            "--shard-size",
-            str(PER_SHARD),
-            "--to",
-            full_uri,
-        ]
-    )
+    err = refused([source, *export_args(n=20), "--to", full_uri])
     assert "already holds 50 samples of this export; --n 20 would drop some" in err
     err = refused([source, *base, "--to", model["dataset"]])
     assert f"{model['dataset']} already holds dataset 'fashion-mnist' (20 samples), not a synthetic export" in err

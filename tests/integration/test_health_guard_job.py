@@ -18,17 +18,13 @@ import torch
 
 from orchestrator.data.writer import write_shards
 from orchestrator.train import checkpoint as ckpt
+from tests.jobs import REPO, TINY_BIGGAN
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 BUCKET, PREFIX = "ganforge", "runs-health"
 # Tiny BigGAN, 10-step ticks, a checkpoint every 2 ticks; the guard armed after 3 ticks so a short run can use it.
 TINY = [
-    "model.ch=8",
-    "model.dim_z=32",
-    "model.shared_dim=16",
-    "data.batch_size=8",
-    "train.grid_size=4",
+    *TINY_BIGGAN,
     "train.num_workers=2",
     "train.tick_steps=10",
     "train.checkpoint_ticks=2",

@@ -8,21 +8,16 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
 from orchestrator.data.writer import write_shards
+from tests.jobs import REPO, TINY_BIGGAN
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.ch=8",
-    "model.dim_z=32",
-    "model.shared_dim=16",
-    "data.batch_size=8",
+    *TINY_BIGGAN,
     "train.tick_steps=2",
-    "train.grid_size=4",
     "train.num_workers=2",
     "train.steps=8",
     "train.checkpoint_ticks=100",

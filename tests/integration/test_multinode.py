@@ -12,22 +12,17 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.data.writer import write_shards
 from orchestrator.train import checkpoint as ckpt
+from tests.jobs import REPO, TINY_BIGGAN, ray_job_submit
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.ch=8",
-    "model.dim_z=32",
-    "model.shared_dim=16",
-    "data.batch_size=8",
-    "train.grid_size=4",
+    *TINY_BIGGAN,
     "train.keep_checkpoints=10",
     "tracking.enabled=false",
     "train.placement_strategy=STRICT_SPREAD",
@@ -72,26 +67,7 @@ def test_ray_job_submit_places_one_worker_per_node(cluster, s3, dataset):
         "train.steps=4",
         *TINY,
     ]
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "submit",
-            "--address",
-            cluster.ray_url,
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            "jobs/biggan.py",
-            *args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-    )
+    proc = ray_job_submit(cluster.ray_url, args)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     states = rank_states(s3, f"runs-mn/{name}/")
     last = states[max(states)]

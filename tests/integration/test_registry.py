@@ -20,18 +20,14 @@ from orchestrator.data.writer import write_shards
 from orchestrator.sample import sample_grid
 from orchestrator.tracking import mlflow as tracking
 from orchestrator.tracking import registry
+from tests.jobs import REPO, TINY_BIGGAN
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 GANFORGE = str(Path(sys.executable).parent / "ganforge")
 TINY = [
-    "model.ch=8",
-    "model.dim_z=32",
-    "model.shared_dim=16",
-    "data.batch_size=8",
+    *TINY_BIGGAN,
     "train.tick_steps=2",
     "train.checkpoint_ticks=1",
-    "train.grid_size=4",
     "train.keep_checkpoints=1",
     "train.steps=2",
     "train.num_workers=1",

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import psutil
 import pytest
@@ -21,15 +20,11 @@ import torch
 
 from orchestrator.data.writer import write_shards
 from orchestrator.train import checkpoint as ckpt
+from tests.jobs import REPO, TINY_BIGGAN
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.ch=8",
-    "model.dim_z=32",
-    "model.shared_dim=16",
-    "data.batch_size=8",
-    "train.grid_size=4",
+    *TINY_BIGGAN,
     "train.keep_checkpoints=10",
     "tracking.enabled=false",
     "train.num_workers=2",

@@ -17,17 +17,13 @@ import torch
 from orchestrator.data.writer import write_shards
 from orchestrator.stack import free_ports
 from orchestrator.train import checkpoint as ckpt
+from tests.jobs import REPO, TINY_BIGGAN, ray_job_submit
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.ch=8",
-    "model.dim_z=32",
-    "model.shared_dim=16",
-    "data.batch_size=8",
+    *TINY_BIGGAN,
     "train.tick_steps=2",
     "train.checkpoint_ticks=1",
-    "train.grid_size=4",
     "train.keep_checkpoints=5",
 ]
 
@@ -61,26 +57,7 @@ def test_ray_job_submit_trains_with_two_workers(stack, s3, dataset, tmp_path):
         "train.steps=6",
         *TINY,
     ]
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "submit",
-            "--address",
-            stack.ray_url,
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            "jobs/biggan.py",
-            *args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-    )
+    proc = ray_job_submit(stack.ray_url, args)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "MLflow run" in proc.stdout and "final samples" in proc.stdout
 
